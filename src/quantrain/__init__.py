@@ -1,0 +1,44 @@
+"""quantrain: quantization-aware training for PyTorch, with NNI 3.0's QATQuantizer API and semantics.
+
+>>> import torch, quantrain
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+>>> q = quantrain.QATQuantizer(model, [{"op_types": ["Linear"]}])
+>>> _ = model(torch.randn(3, 4))
+>>> sorted(q.get_calibration_config()["0"])
+['_input_0', '_output_0', 'bias', 'weight']
+"""
+
+from quantrain.calibration import load_calibration_config, save_calibration_config
+from quantrain.config import (
+    Granularity,
+    QuantDtype,
+    QuantScheme,
+    TargetSettings,
+    parse_config_list,
+    register_default_targets,
+)
+from quantrain.evaluator import Evaluator, TorchEvaluator
+from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.observer import RangeObserver
+from quantrain.quantizer import QATQuantizer
+from quantrain.wrapping import register_float_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Evaluator",
+    "FakeQuantizer",
+    "Granularity",
+    "QATQuantizer",
+    "QuantDtype",
+    "QuantScheme",
+    "RangeObserver",
+    "TargetSettings",
+    "TorchEvaluator",
+    "__version__",
+    "load_calibration_config",
+    "parse_config_list",
+    "register_default_targets",
+    "register_float_forward",
+    "save_calibration_config",
+]

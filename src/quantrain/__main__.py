@@ -1,0 +1,5 @@
+import sys
+
+from quantrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,22 @@
+"""Configuration: the config_list language, parsed once into frozen, typed settings."""
+
+from quantrain.config.parse import ConfigEntry, canonical_target_name, parse_config_list
+from quantrain.config.resolve import DEFAULT_TARGETS, ModulePlan, TargetKind, TargetPlan, register_default_targets, resolve
+from quantrain.config.settings import Granularity, GranularityKind, QuantDtype, QuantScheme, TargetSettings
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "ConfigEntry",
+    "Granularity",
+    "GranularityKind",
+    "ModulePlan",
+    "QuantDtype",
+    "QuantScheme",
+    "TargetKind",
+    "TargetPlan",
+    "TargetSettings",
+    "canonical_target_name",
+    "parse_config_list",
+    "register_default_targets",
+    "resolve",
+]

@@ -1,0 +1,322 @@
+"""Resolve parsed config entries against a model: which module gets which targets, with which settings.
+
+This reads the model and never changes it, so every error surfaces before anything is wrapped. The result is a
+tuple of :class:`ModulePlan`, one per quantized module, in the model's module order.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantrain.config.parse import ConfigEntry
+from quantrain.config.settings import TargetSettings
+
+__all__ = ["DEFAULT_TARGETS", "ModulePlan", "TargetKind", "TargetPlan", "register_default_targets", "resolve"]
+
+_LAYER_TARGETS = ("_input_0", "weight", "bias", "_output_0")
+_ACTIVATION_TARGETS = ("_input_0", "_output_0")
+
+DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
+    **dict.fromkeys(
+        (
+            nn.Linear,
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.ConvTranspose1d,
+            nn.ConvTranspose2d,
+            nn.ConvTranspose3d,
+            nn.BatchNorm1d,
+            nn.BatchNorm2d,
+        ),
+        _LAYER_TARGETS,
+    ),
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d), _ACTIVATION_TARGETS),
+}
+"""Targets used when an entry gives no ``target_names``, by module type (subclasses inherit them)."""
+
+
+def register_default_targets(module_type: type[nn.Module], target_names: tuple[str, ...]) -> None:
+    """Give ``module_type`` default targets, so config entries selecting it may omit ``target_names``."""
+    DEFAULT_TARGETS[module_type] = tuple(target_names)
+
+
+class TargetKind(enum.Enum):
+    PARAMETER = "parameter"
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One target of one module.
+
+    ``blocks`` is the resolved block layout of a parameter (``None``: per tensor); activations resolve theirs
+    from the granularity on each batch. ``position``/``key`` locate an input (positional index and/or keyword)
+    or an output (tuple index or dict key).
+    """
+
+    name: str
+    kind: TargetKind
+    settings: TargetSettings
+    entry_index: int
+    blocks: tuple[int, ...] | None = None
+    position: int | None = None
+    key: str | int | None = None
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    name: str
+    targets: tuple[TargetPlan, ...]
+
+
+def resolve(model: nn.Module, entries: tuple[ConfigEntry, ...]) -> tuple[ModulePlan, ...]:
+    """Match ``entries`` to ``model``'s modules; the first entry that claims a (module, target) wins."""
+    modules = dict(model.named_modules())
+    claimed: dict[str, dict[str, TargetPlan]] = {}
+    for entry in entries:
+        selected = _select(entry, modules)
+        if not selected:
+            warnings.warn(f"config_list[{entry.index}] selects no module of {type(model).__name__}", stacklevel=3)
+        for name in selected:
+            for plan in _targets(entry, name, modules[name]):
+                earlier = claimed.setdefault(name, {}).get(plan.name)
+                if earlier is not None:
+                    warnings.warn(
+                        f"config_list[{entry.index}]: module {name!r} target {plan.name!r} is already "
+                        f"configured by config_list[{earlier.entry_index}]; the first entry wins",
+                        stacklevel=3,
+                    )
+                    continue
+                claimed[name][plan.name] = plan
+        _check_fuse_names(entry, modules, selected)
+    kind_order = {TargetKind.PARAMETER: 0, TargetKind.INPUT: 1, TargetKind.OUTPUT: 2}
+    return tuple(
+        ModulePlan(name, tuple(sorted(claimed[name].values(), key=lambda t: kind_order[t.kind])))
+        for name in modules
+        if claimed.get(name)
+    )
+
+
+def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
+    for key in ("op_names", "exclude_op_names"):
+        for name in getattr(entry, key):
+            if name not in modules:
+                raise entry.error(ValueError, key, f"no module named {name!r} in the model{_suggest(name, modules)}")
+    for key in ("op_types", "exclude_op_types"):
+        present = {type(m).__name__ for m in modules.values()}
+        for type_name in getattr(entry, key):
+            if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
+                raise entry.error(
+                    ValueError,
+                    key,
+                    f"{type_name!r} is neither a module type in the model nor a torch.nn class"
+                    f"{_suggest(type_name, present | set(dir(nn)))}",
+                )
+    by_name = entry.op_names or entry.op_names_re
+    selected = []
+    for name, module in modules.items():
+        type_name = type(module).__name__
+        if by_name and not (name in entry.op_names or any(p.match(name) for p in entry.op_names_re)):
+            continue
+        if entry.op_types and type_name not in entry.op_types:
+            continue
+        if name in entry.exclude_op_names or type_name in entry.exclude_op_types:
+            continue
+        if any(p.match(name) for p in entry.exclude_op_names_re):
+            continue
+        selected.append(name)
+    return selected
+
+
+def _targets(entry: ConfigEntry, name: str, module: nn.Module) -> list[TargetPlan]:
+    explicit = entry.target_names is not None
+    if explicit:
+        names = entry.target_names
+    else:
+        names = _default_targets(type(module))
+        if names is None:
+            raise entry.error(
+                ValueError,
+                "target_names",
+                f"module {name!r} ({type(module).__name__}) has no default targets; "
+                "list them, e.g. 'target_names': ['weight', '_input_', '_output_']",
+            )
+        for target in entry.target_settings:
+            if target not in names:
+                raise entry.error(
+                    ValueError,
+                    "target_settings",
+                    f"{target!r} is not a default target of module {name!r} "
+                    f"({type(module).__name__}: {list(names)}); add target_names",
+                )
+    plans = []
+    for target in names:
+        settings = entry.settings_for(target)
+        if target.startswith("_input_"):
+            plans.append(_input_plan(entry, name, module, target, settings))
+        elif target.startswith("_output_"):
+            plans.append(_activation_plan(entry, name, target, TargetKind.OUTPUT, settings, key=_slot(target, "_output_")))
+        else:
+            param = module._parameters.get(target)
+            if param is None:
+                if not explicit and target in module._parameters:
+                    continue  # a template target the module does not use, e.g. bias=False
+                raise entry.error(
+                    ValueError,
+                    "target_names",
+                    f"module {name!r} ({type(module).__name__}) has no parameter "
+                    f"{target!r}; it has {sorted(k for k, v in module._parameters.items() if v is not None)}",
+                )
+            plans.append(_parameter_plan(entry, name, target, param, settings))
+    return plans
+
+
+def _default_targets(module_type: type) -> tuple[str, ...] | None:
+    for cls in module_type.__mro__:
+        if cls in DEFAULT_TARGETS:
+            return DEFAULT_TARGETS[cls]
+    return None
+
+
+def _setting_key(entry: ConfigEntry, target: str, key: str) -> str:
+    return f"target_settings[{target!r}].{key}" if target in entry.target_settings else key
+
+
+def _parameter_plan(entry: ConfigEntry, name: str, target: str, param: torch.Tensor, settings: TargetSettings) -> TargetPlan:
+    try:
+        blocks = settings.granularity.block_shape(tuple(param.shape), activation=False)
+    except ValueError as exc:
+        raise entry.error(
+            ValueError,
+            _setting_key(entry, target, "granularity"),
+            f"{settings.granularity.spec!r} does not fit {name}.{target}: {exc}",
+        ) from None
+    if not param.is_floating_point():
+        raise entry.error(
+            TypeError, "target_names", f"{name}.{target} is {param.dtype}, only floating-point tensors are quantized"
+        )
+    return TargetPlan(target, TargetKind.PARAMETER, settings, entry.index, blocks=blocks)
+
+
+def _activation_plan(
+    entry: ConfigEntry,
+    name: str,
+    target: str,
+    kind: TargetKind,
+    settings: TargetSettings,
+    position: int | None = None,
+    key: str | int | None = None,
+) -> TargetPlan:
+    try:
+        settings.granularity.check_activation()
+    except ValueError as exc:
+        raise entry.error(
+            ValueError, _setting_key(entry, target, "granularity"), f"module {name!r} target {target!r}: {exc}"
+        ) from None
+    return TargetPlan(target, kind, settings, entry.index, position=position, key=key)
+
+
+def _slot(target: str, prefix: str) -> str | int:
+    rest = target[len(prefix) :]
+    return int(rest) if rest.isdigit() else rest
+
+
+def _input_plan(entry: ConfigEntry, name: str, module: nn.Module, target: str, settings: TargetSettings) -> TargetPlan:
+    slot = _slot(target, "_input_")
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no Python signature: accept positions as they come
+        return _activation_plan(
+            entry,
+            name,
+            target,
+            TargetKind.INPUT,
+            settings,
+            slot if isinstance(slot, int) else None,
+            None if isinstance(slot, int) else slot,
+        )
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    if isinstance(slot, int):
+        if slot < len(positional):
+            keyword = positional[slot].name if positional[slot].kind is not inspect.Parameter.POSITIONAL_ONLY else None
+            return _activation_plan(entry, name, target, TargetKind.INPUT, settings, slot, keyword)
+        if var_positional:
+            return _activation_plan(entry, name, target, TargetKind.INPUT, settings, slot, None)
+        raise entry.error(
+            ValueError,
+            "target_names",
+            f"module {name!r} ({type(module).__name__}) takes {len(positional)} "
+            f"positional input(s) ({', '.join(p.name for p in positional)}), so it has no {target!r}",
+        )
+    for index, param in enumerate(params):
+        if param.name == slot and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            position = index if param in positional else None
+            return _activation_plan(entry, name, target, TargetKind.INPUT, settings, position, slot)
+    if var_keyword:
+        return _activation_plan(entry, name, target, TargetKind.INPUT, settings, None, slot)
+    raise entry.error(
+        ValueError,
+        "target_names",
+        f"module {name!r} ({type(module).__name__}).forward has no argument {slot!r}; "
+        f"its arguments are {[p.name for p in params]}",
+    )
+
+
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+
+
+def _check_fuse_names(entry: ConfigEntry, modules: dict[str, nn.Module], selected: list[str]) -> None:
+    for group in entry.fuse_names:
+        for name in group:
+            if name not in modules:
+                raise entry.error(
+                    ValueError, "fuse_names", f"{group}: no module named {name!r} in the model{_suggest(name, modules)}"
+                )
+        if group[0] not in selected:
+            raise entry.error(ValueError, "fuse_names", f"{group}: {group[0]!r} must be one of the modules this entry selects")
+        if not _is_fusable(tuple(modules[n] for n in group)):
+            kinds = tuple(type(modules[n]).__name__ for n in group)
+            raise entry.error(
+                ValueError,
+                "fuse_names",
+                f"{group} is {kinds}; supported patterns are (Conv/Linear, "
+                "BatchNorm[, ReLU/ReLU6]), (Conv/Linear, ReLU/ReLU6) and (BatchNorm, ReLU/ReLU6)",
+            )
+        if isinstance(modules[group[-1]], _ACTIVATIONS):
+            targets = entry.target_names or _default_targets(type(modules[group[0]])) or ()
+            if "_output_0" not in targets:
+                raise entry.error(ValueError, "fuse_names", f"{group} fuses an activation, which needs '_output_' in the targets")
+    if entry.fuse_names:
+        warnings.warn(
+            f"config_list[{entry.index}]: fuse_names {list(entry.fuse_names)} is validated but BatchNorm folding "
+            "is not performed yet: the modules are quantized separately",
+            stacklevel=4,
+        )
+
+
+def _is_fusable(chain: tuple[nn.Module, ...]) -> bool:
+    first, rest = chain[0], chain[1:]
+    if isinstance(first, _FOLDABLE):
+        if len(rest) == 1:
+            return isinstance(rest[0], _NORMS + _ACTIVATIONS)
+        return isinstance(rest[0], _NORMS) and isinstance(rest[1], _ACTIVATIONS)
+    return isinstance(first, _NORMS) and len(rest) == 1 and isinstance(rest[0], _ACTIVATIONS)
+
+
+def _suggest(name: str, choices) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

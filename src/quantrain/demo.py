@@ -1,0 +1,188 @@
+"""The demo: train a small CNN on scikit-learn's bundled digits in float, then quantization-aware train it to int8.
+
+Everything ships with the packages (no download). Run it with ``quantrain demo``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantrain.evaluator import TorchEvaluator
+from quantrain.quantizer import QATQuantizer
+
+__all__ = ["DemoResult", "build_model", "demo_config_list", "load_digits", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    float_accuracy: float
+    qat_accuracy: float
+    float_seconds: float
+    qat_seconds: float
+    test_size: int
+    bits: int
+    calibration_config: dict
+
+
+def load_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as ``(x_train, y_train, x_test, y_test)``, pixels scaled to [0, 1], 20% test."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise ImportError("the demo needs scikit-learn: pip install 'quantrain[demo]'") from None
+    data = sklearn_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    split = len(y) * 4 // 5
+    return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
+
+
+def build_model() -> nn.Module:
+    """A small CNN for 1x8x8 images: two convolutions, a pooling layer and two fully connected layers."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def demo_config_list(bits: int = 8) -> list[dict]:
+    """Weights int<bits> symmetric per output channel; inputs and outputs uint<bits> affine per tensor."""
+    return [
+        {
+            "op_types": ["Conv2d", "Linear"],
+            "target_names": ["_input_", "weight", "_output_"],
+            "quant_dtype": f"uint{bits}",
+            "quant_scheme": "affine",
+            "target_settings": {
+                "weight": {"quant_dtype": f"int{bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
+            },
+        }
+    ]
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        correct = (model(x).argmax(dim=1) == y).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / len(y)
+
+
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(y), generator=generator)
+    for start in range(0, len(y), batch_size):
+        index = order[start : start + batch_size]
+        yield x[index], y[index]
+
+
+def _training_step(batch: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _make_training_func(x: torch.Tensor, y: torch.Tensor, seed: int, progress: Callable[..., Iterator]) -> Callable:
+    """A ``training_func`` in the reference's convention that honours max_steps and max_epochs."""
+
+    def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        generator = torch.Generator().manual_seed(seed)
+        steps_per_epoch = -(-len(y) // 64)
+        epochs = max_epochs if max_epochs is not None else -(-max_steps // steps_per_epoch)
+        total = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
+        model.train()
+        step = 0
+        with progress(total=total) as bar:
+            for _ in range(epochs):
+                for batch in _batches(x, y, 64, generator):
+                    if max_steps is not None and step >= max_steps:
+                        return
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    training_step(batch, model).backward()
+                    for optimizer in optimizers:
+                        optimizer.step()
+                    step += 1
+                    bar.update(1)
+                for scheduler in lr_schedulers or ():
+                    scheduler.step()
+
+    return training_func
+
+
+def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int = 0, progress: bool = True) -> DemoResult:
+    """Train float, then QAT to int<bits>; returns both test accuracies and the calibration config."""
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = load_digits(seed)
+    model = build_model()
+    bar = _progress_factory(progress)
+
+    start = time.perf_counter()
+    float_optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    train = _make_training_func(x_train, y_train, seed, lambda total: bar(total, "float"))
+    train(model, [float_optimizer], _training_step, None, None, epochs)
+    float_seconds = time.perf_counter() - start
+    float_accuracy = accuracy(model, x_test, y_test)
+
+    start = time.perf_counter()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
+    evaluator = TorchEvaluator(
+        _make_training_func(x_train, y_train, seed + 1, lambda total: bar(total, f"QAT int{bits}")),
+        optimizer,
+        _training_step,
+        evaluating_func=lambda m: accuracy(m, x_test, y_test),
+    )
+    quantizer = QATQuantizer(model, demo_config_list(bits), evaluator)
+    _, calibration_config = quantizer.compress(max_steps=None, max_epochs=qat_epochs)
+    qat_seconds = time.perf_counter() - start
+    qat_accuracy = evaluator.evaluate()
+    return DemoResult(float_accuracy, qat_accuracy, float_seconds, qat_seconds, len(y_test), bits, calibration_config)
+
+
+def _progress_factory(enabled: bool) -> Callable:
+    def factory(total: int, label: str):
+        if not enabled:
+            return _NoBar()
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=label, unit="step", leave=False)
+
+    return factory
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def format_table(result: DemoResult) -> str:
+    rows = [
+        ("model", "test accuracy", "train time"),
+        ("float32", f"{result.float_accuracy:.2f}%", f"{result.float_seconds:.1f} s"),
+        (f"int{result.bits} QAT (fake-quant)", f"{result.qat_accuracy:.2f}%", f"{result.qat_seconds:.1f} s"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines) + f"\n(digits test set: {result.test_size} images)"

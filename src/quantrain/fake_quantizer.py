@@ -1,0 +1,143 @@
+"""FakeQuantizer: one target's quantization state and its forward.
+
+It owns a :class:`~quantrain.observer.RangeObserver` and the ``scale``/``zero_point`` buffers derived from it, and
+two uint8 enable flags (``observer_enabled``, ``fake_quant_enabled``) kept as buffers so they are saved and
+replicated with the model. Its forward, for an input ``x``::
+
+    if training and observer enabled:   track range of x; if fake quant enabled: scale, zp = qparams(range)
+    if fake quant enabled and calibrated: return round(clamp(x / scale + zp, qmin, qmax)) - zp) * scale
+    else:                                 return x
+
+so each batch is quantized with a scale that already includes it (as the reference does). Python mirrors of the
+flags keep the forward free of host synchronisation; they are refreshed whenever a state_dict is loaded.
+
+>>> import torch
+>>> from quantrain.config import TargetSettings
+>>> fq = FakeQuantizer(TargetSettings())
+>>> fq.enable_fake_quant(True)
+>>> fq(torch.tensor([-1.0, 0.5, 1.27])).tolist() == [-1.0, 0.5, 1.27]
+False
+>>> round(fq.scale.item() * 127, 5)
+1.27
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from quantrain.config.settings import GranularityKind, TargetSettings
+from quantrain.observer import RangeObserver, resize_buffers_for_load
+from quantrain.ops.fake_quant import quantize_dequantize
+from quantrain.ops.qparams import calculate_qparams
+
+__all__ = ["FakeQuantizer"]
+
+
+class FakeQuantizer(nn.Module):
+    """Tracks the range of one target and fake-quantizes it.
+
+    Args:
+        settings: dtype, scheme and granularity of the target.
+        blocks: the resolved block layout of a parameter; ``None`` for per tensor. Ignored for activations,
+            whose layout is resolved from the granularity on each batch (their batch size may change).
+        range_shape: the shape of the range and qparams when known up front (parameters); ``None`` sizes them
+            on the first batch.
+        activation: whether the target is an input/output (dim 0 is the batch) rather than a parameter.
+        label: ``module.target``, used in error messages.
+    """
+
+    def __init__(
+        self,
+        settings: TargetSettings,
+        *,
+        blocks: tuple[int, ...] | None = None,
+        activation: bool = False,
+        range_shape: tuple[int, ...] | None = None,
+        label: str = "",
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.activation = activation
+        self.label = label
+        per_tensor = settings.granularity.kind is GranularityKind.PER_TENSOR
+        self._blocks = None if per_tensor else blocks
+        self._activation_blocks: dict[int, tuple[int, ...] | None] = {}
+        shape = () if per_tensor else range_shape
+        self.observer = RangeObserver(shape, device=device)
+        size = (0,) if shape is None else shape
+        self.register_buffer("scale", torch.ones(size, device=device))
+        self.register_buffer("zero_point", torch.zeros(size, device=device))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.uint8, device=device))
+        self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8, device=device))
+        self.register_buffer("fake_quant_enabled", torch.zeros((), dtype=torch.uint8, device=device))
+        self._refresh_mirrors()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"{self.label}: only floating-point tensors can be fake-quantized, got {x.dtype}")
+        blocks = self._blocks_for(x) if self.activation else self._blocks
+        if self.training and self._observe:
+            self.observer(x, blocks)
+            if self._fake_quant:
+                self.update_qparams()
+        if self._fake_quant and self._calibrated:
+            return quantize_dequantize(x, self.scale, self.zero_point, self.settings.qmin, self.settings.qmax, blocks)
+        return x
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        """Recompute ``scale`` and ``zero_point`` from the tracked range (no-op before the first batch)."""
+        if not self.observer.is_seeded:
+            return
+        symmetric = self.settings.scheme.value == "symmetric"
+        scale, zero_point = calculate_qparams(
+            self.observer.tracked_min, self.observer.tracked_max, self.settings.qmin, self.settings.qmax, symmetric=symmetric
+        )
+        self.scale.resize_(scale.shape).copy_(scale)
+        self.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        if not self._calibrated:
+            self.calibrated.fill_(1)
+            self._calibrated = True
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled.fill_(int(enabled))
+        self._observe = bool(enabled)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled.fill_(int(enabled))
+        self._fake_quant = bool(enabled)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether ``scale`` and ``zero_point`` hold values computed from a tracked range."""
+        return self._calibrated
+
+    def _blocks_for(self, x: Tensor) -> tuple[int, ...] | None:
+        if self.settings.granularity.kind is GranularityKind.PER_TENSOR:
+            return None
+        ndim = x.dim()
+        if ndim not in self._activation_blocks:
+            try:
+                self._activation_blocks[ndim] = self.settings.granularity.block_shape(tuple(x.shape), activation=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{self.label}: granularity {self.settings.granularity.spec!r} does not fit a tensor "
+                    f"of shape {tuple(x.shape)}: {exc}"
+                ) from None
+        return self._activation_blocks[ndim]
+
+    def _refresh_mirrors(self) -> None:
+        self._observe = bool(self.observer_enabled.item())
+        self._fake_quant = bool(self.fake_quant_enabled.item())
+        self._calibrated = bool(self.calibrated.item())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        resize_buffers_for_load(self, state_dict, prefix, ("scale", "zero_point"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_mirrors()
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return f"{s.dtype.name}, {s.scheme.value}, granularity={s.granularity.spec!r}"

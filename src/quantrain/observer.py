@@ -1,0 +1,89 @@
+"""Range observer: tracks the min and max of what flows through, smoothed by an exponential moving average.
+
+``tracked = decay * tracked + (1 - decay) * current``, the first observed batch seeding it (decay 0.99 as in the
+reference). The range is per tensor or per block, as the caller's block layout says. All state is in buffers:
+``tracked_min``, ``tracked_max`` (float32) and ``seeded`` (uint8), so it is saved, loaded and broadcast with the
+model. A Python mirror of ``seeded`` keeps the forward free of host synchronisation.
+
+>>> import torch
+>>> obs = RangeObserver()
+>>> obs(torch.tensor([-1.0, 2.0])); obs(torch.tensor([0.0, 4.0]))
+>>> round(obs.tracked_min.item(), 4), round(obs.tracked_max.item(), 4)
+(-0.99, 2.02)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from quantrain.ops.ranges import ema_update, min_max
+
+__all__ = ["RangeObserver", "resize_buffers_for_load"]
+
+DEFAULT_DECAY = 0.99
+
+
+class RangeObserver(nn.Module):
+    """Exponential moving average of per-block minima and maxima.
+
+    Args:
+        shape: the range's shape when known up front (parameters); ``None`` sizes it on the first batch.
+        decay: weight of the running value in the average.
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...] | None = (), *, decay: float = DEFAULT_DECAY, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        size = (0,) if shape is None else shape
+        self.register_buffer("tracked_min", torch.zeros(size, device=device))
+        self.register_buffer("tracked_max", torch.zeros(size, device=device))
+        self.register_buffer("seeded", torch.zeros((), dtype=torch.uint8, device=device))
+        self._seeded = False
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, blocks: tuple[int, ...] | None = None) -> None:
+        current_min, current_max = min_max(x, blocks)
+        current_min, current_max = current_min.float(), current_max.float()
+        if not self._seeded:
+            self.tracked_min.resize_(current_min.shape).copy_(current_min)
+            self.tracked_max.resize_(current_max.shape).copy_(current_max)
+            self.seeded.fill_(1)
+            self._seeded = True
+            return
+        if current_min.shape != self.tracked_min.shape:
+            raise ValueError(
+                f"range shape changed from {tuple(self.tracked_min.shape)} to {tuple(current_min.shape)}: "
+                f"the tensor's channels or blocks differ from the first batch (shape {tuple(x.shape)})"
+            )
+        self.tracked_min.copy_(ema_update(self.tracked_min, current_min, self.decay))
+        self.tracked_max.copy_(ema_update(self.tracked_max, current_max, self.decay))
+
+    @property
+    def is_seeded(self) -> bool:
+        return self._seeded
+
+    def reset(self) -> None:
+        self.seeded.fill_(0)
+        self._seeded = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        resize_buffers_for_load(self, state_dict, prefix, ("tracked_min", "tracked_max"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seeded = bool(self.seeded.item())
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}"
+
+
+def resize_buffers_for_load(module: nn.Module, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
+    """Resize lazily shaped buffers to the shapes being loaded, so a checkpoint restores before the first batch."""
+    for name in names:
+        incoming = state_dict.get(prefix + name)
+        buffer = module._buffers[name]
+        if isinstance(incoming, Tensor) and buffer is not None and incoming.shape != buffer.shape:
+            buffer.resize_(incoming.shape)

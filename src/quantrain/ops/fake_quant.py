@@ -1,0 +1,59 @@
+"""Fake quantization: quantize then dequantize in floating point, with a straight-through gradient.
+
+    t = x / scale + zero_point
+    x_hat = (round(clamp(t, qmin, qmax)) - zero_point) * scale
+    d x_hat / d x = 1 where qmin <= t <= qmax, else 0
+
+No gradient flows to ``scale`` or ``zero_point``. ``round`` is half-to-even. The result has ``x``'s dtype.
+
+>>> import torch
+>>> x = torch.tensor([-1.0, 0.26, 0.3, 5.0], requires_grad=True)
+>>> y = fake_quantize(x, torch.tensor(0.1), torch.tensor(0.0), -10, 10)
+>>> [round(v, 4) for v in y.tolist()]
+[-1.0, 0.3, 0.3, 1.0]
+>>> y.sum().backward(); x.grad.tolist()
+[1.0, 1.0, 1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quantrain.ops.ranges import block_layout
+
+__all__ = ["fake_quantize", "quantize_dequantize"]
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Quantize-dequantize forward; gradient masked to the unclamped region (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+        t = x / scale + zero_point
+        ctx.save_for_backward((t >= qmin) & (t <= qmax))
+        return ((torch.clamp(t, qmin, qmax).round_() - zero_point) * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad_output * inside, None, None, None, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Quantize-dequantize ``x`` with ``scale``/``zero_point`` broadcastable to it (see module docstring)."""
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax)
+
+
+def quantize_dequantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, blocks: tuple[int, ...] | None
+) -> Tensor:
+    """:func:`fake_quantize` with one scale per block of ``blocks`` (``None``: one for the whole tensor)."""
+    if blocks is None or scale.dim() == 0:
+        return fake_quantize(x, scale, zero_point, qmin, qmax)
+    split, counts = block_layout(x.shape, blocks)
+    if all(n == 1 or size == 1 for n, size in zip(counts, split[1::2], strict=True)):
+        return fake_quantize(x, scale, zero_point, qmin, qmax)  # per-axis: the range shape already broadcasts
+    expanded = [n if i % 2 == 0 else 1 for i, n in enumerate(split)]
+    out = fake_quantize(x.reshape(split), scale.reshape(expanded), zero_point.reshape(expanded), qmin, qmax)
+    return out.reshape(x.shape)

@@ -1,0 +1,41 @@
+"""Scale and zero point from a tracked range.
+
+First the range is widened to contain 0, so that real zero is exactly representable (zero padding stays exact):
+``lo = min(min, 0)``, ``hi = max(max, 0)``. Then, for an integer range ``[qmin, qmax]``:
+
+* symmetric: ``scale = max(|lo|, |hi|) / ((qmax - qmin) / 2)``, ``zero_point = (qmax + qmin + 1) // 2``
+* affine: ``scale = (hi - lo) / (qmax - qmin)``, ``zero_point = qmin - round(lo / scale)``
+
+``scale`` is floored at float32 eps before the zero point is computed, and ``zero_point`` is clamped to
+``[qmin, qmax]``. ``round`` is half-to-even, as ``torch.round``.
+
+>>> import torch
+>>> scale, zp = calculate_qparams(torch.tensor(-1.0), torch.tensor(3.0), -127, 127, symmetric=False)
+>>> round(scale.item() * 254, 6), zp.item()
+(4.0, -63.0)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["calculate_qparams"]
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def calculate_qparams(
+    tracked_min: Tensor, tracked_max: Tensor, qmin: int, qmax: int, *, symmetric: bool
+) -> tuple[Tensor, Tensor]:
+    """Return ``(scale, zero_point)`` shaped like ``tracked_min``; the zero point is a float tensor."""
+    lo = torch.clamp(tracked_min, max=0.0)
+    hi = torch.clamp(tracked_max, min=0.0)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / (float(qmax - qmin) / 2)
+        scale = torch.clamp(scale, min=EPS)
+        zero_point = torch.full_like(scale, float((qmax + qmin + 1) // 2))
+    else:
+        scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
+        zero_point = qmin - torch.round(lo / scale)
+    return scale, torch.clamp(zero_point, qmin, qmax)

@@ -1,0 +1,169 @@
+"""Attach fake quantizers to a module in place, keeping its Parameter objects, state_dict keys and identity.
+
+Attaching changes the module's class to a subclass of its own (``Linear`` -> ``QuantizedLinear``, so
+``isinstance(m, nn.Linear)`` still holds, as with ``torch.nn.utils.parametrize``) and adds one child,
+``fake_quant``: an ``nn.ModuleDict`` of :class:`~quantrain.fake_quantizer.FakeQuantizer` keyed by target name. The
+forward reads like its formula::
+
+    inputs  = fake_quant[_input_i](inputs)          for each quantized input
+    params  = fake_quant[name](parameter)           for each quantized parameter
+    outputs = float_forward(params, inputs)
+    outputs = fake_quant[_output_j](outputs)        for each quantized output
+
+Detaching restores the original class and removes the child: the module is exactly what it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantrain.config.resolve import ModulePlan, TargetKind, TargetPlan
+from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.ops.ranges import block_layout
+from quantrain.wrapping.forwards import FLOAT_FORWARDS, substituted_parameters
+
+__all__ = ["CHILD_NAME", "QuantizedModule", "attach", "detach", "is_quantized", "quantized_class"]
+
+CHILD_NAME = "fake_quant"
+
+
+class QuantizedModule(nn.Module):
+    """Mixin placed before the float class in a quantized module's MRO (see the module docstring)."""
+
+    _float_class: type[nn.Module]
+    fake_quant: nn.ModuleDict
+    _quant_params: tuple[str, ...]
+    _quant_inputs: tuple[tuple[str, int | None, str | None], ...]
+    _quant_outputs: tuple[tuple[str, int | str], ...]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        fake_quant = self.fake_quant
+        if self._quant_inputs:
+            args, kwargs = _quantize_inputs(fake_quant, self._quant_inputs, args, kwargs)
+        quantized = {name: fake_quant[name](self._parameters[name]) for name in self._quant_params}
+        output = self._float_forward(quantized, args, kwargs)
+        if self._quant_outputs:
+            output = _quantize_outputs(fake_quant, self._quant_outputs, output)
+        return output
+
+    def _float_forward(self, quantized: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
+        form = FLOAT_FORWARDS.get(self._float_class)
+        if form is not None:
+            return form(self, {**self._parameters, **quantized}, *args, **kwargs)
+        with substituted_parameters(self, quantized):
+            return self._float_class.forward(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return _new_quantized, (self._float_class,), self.__getstate__()
+
+
+_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
+
+
+def quantized_class(float_class: type[nn.Module]) -> type[QuantizedModule]:
+    """The quantized subclass of ``float_class`` (created once, then cached)."""
+    cls = _CLASSES.get(float_class)
+    if cls is None:
+        name = f"Quantized{float_class.__name__}"
+        cls = type(
+            name, (QuantizedModule, float_class), {"_float_class": float_class, "__module__": __name__, "__qualname__": name}
+        )
+        _CLASSES[float_class] = cls
+    return cls
+
+
+def _new_quantized(float_class: type[nn.Module]) -> QuantizedModule:
+    """Unpickling helper: an empty instance of the quantized subclass of ``float_class``."""
+    cls = quantized_class(float_class)
+    return cls.__new__(cls)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, QuantizedModule)
+
+
+def build_fake_quantizers(module_name: str, module: nn.Module, plan: ModulePlan, device: torch.device | None) -> nn.ModuleDict:
+    """One FakeQuantizer per target of ``plan``; reads ``module`` but does not change it."""
+    fake_quant = nn.ModuleDict()
+    for target in plan.targets:
+        label = f"{module_name or type(module).__name__}.{target.name}"
+        if target.kind is TargetKind.PARAMETER:
+            param = module._parameters[target.name]
+            shape = None if target.blocks is None else block_layout(param.shape, target.blocks)[1]
+            fq = FakeQuantizer(target.settings, blocks=target.blocks, range_shape=shape, label=label, device=param.device)
+        else:
+            fq = FakeQuantizer(target.settings, activation=True, label=label, device=device)
+        fake_quant[target.name] = fq
+    return fake_quant
+
+
+def attach(module: nn.Module, plan: ModulePlan, fake_quant: nn.ModuleDict) -> None:
+    """Turn ``module`` into its quantized subclass with ``fake_quant`` as its quantizers (in place)."""
+    module.__class__ = quantized_class(type(module))
+    module.add_module(CHILD_NAME, fake_quant)
+    module._quant_params = _names(plan.targets, TargetKind.PARAMETER)
+    module._quant_inputs = tuple((t.name, t.position, t.key) for t in plan.targets if t.kind is TargetKind.INPUT)
+    module._quant_outputs = tuple((t.name, t.key) for t in plan.targets if t.kind is TargetKind.OUTPUT)
+
+
+def detach(module: nn.Module) -> None:
+    """Undo :func:`attach`: the module gets back its float class and loses its quantizers."""
+    if not isinstance(module, QuantizedModule):
+        return
+    del module._modules[CHILD_NAME]
+    for attribute in ("_quant_params", "_quant_inputs", "_quant_outputs"):
+        module.__dict__.pop(attribute, None)
+    module.__class__ = module._float_class
+
+
+def _names(targets: tuple[TargetPlan, ...], kind: TargetKind) -> tuple[str, ...]:
+    return tuple(t.name for t in targets if t.kind is kind)
+
+
+def _quantize_inputs(fake_quant: nn.ModuleDict, slots, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    args_list = list(args)
+    kwargs = dict(kwargs)
+    for target, position, keyword in slots:
+        if position is not None and position < len(args_list):
+            args_list[position] = fake_quant[target](_tensor(fake_quant[target], args_list[position]))
+        elif keyword is not None and keyword in kwargs:
+            kwargs[keyword] = fake_quant[target](_tensor(fake_quant[target], kwargs[keyword]))
+    return tuple(args_list), kwargs
+
+
+def _quantize_outputs(fake_quant: nn.ModuleDict, slots, output: Any) -> Any:
+    for target, key in slots:
+        fq = fake_quant[target]
+        if isinstance(output, Tensor):
+            if key != 0:
+                raise ValueError(f"{fq.label}: the module returns a single tensor, so only '_output_' / '_output_0' exist")
+            output = fq(output)
+        elif isinstance(output, (tuple, list)) and isinstance(key, int):
+            if key >= len(output):
+                raise ValueError(f"{fq.label}: the module returns {len(output)} outputs, there is no index {key}")
+            items = list(output)
+            items[key] = fq(_tensor(fq, items[key]))
+            output = output._make(items) if hasattr(output, "_make") else type(output)(items)
+        elif isinstance(output, Mapping) and isinstance(key, str):
+            if key not in output:
+                raise ValueError(f"{fq.label}: the module's output has no key {key!r}; keys are {list(output)}")
+            output = _replace_item(output, key, fq(_tensor(fq, output[key])))
+        else:
+            raise ValueError(f"{fq.label}: cannot select output {key!r} from a {type(output).__name__}")
+    return output
+
+
+def _replace_item(output: Mapping, key: str, value: Tensor) -> Mapping:
+    copy = output.copy() if hasattr(output, "copy") else dict(output)
+    copy[key] = value
+    return copy
+
+
+def _tensor(fq: FakeQuantizer, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fq.label}: expected a tensor to quantize, got {type(value).__name__}")
+    return value
