@@ -342,3 +342,18 @@ def test_fuse_names_is_validated_and_warns_that_it_is_not_applied():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         QATQuantizer(nn.Sequential(nn.Linear(2, 2)), LINEAR_ALL)
+
+
+def test_batchnorm_default_targets_quantize_its_affine_parameters():
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    model = nn.Sequential(bn)
+    quantizer = QATQuantizer(model, [{"op_types": ["BatchNorm1d"], "target_names": ["weight"], "quant_dtype": "int2"}])
+    x = torch.randn(16, 3)
+    out = model(x)
+    # int2 symmetric: scale = 2 / 1; w / scale = [0.25, -0.5, 1.0] rounds half-to-even to [0, 0, 1]
+    expected = F.batch_norm(x, None, None, torch.tensor([0.0, 0.0, 2.0]), bn.bias, training=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(quantizer.get_calibration_config()["0"]["weight"]["scale"], torch.tensor(2.0))
+    assert bn.num_batches_tracked.item() == 1  # the module's own forward ran (running statistics updated)

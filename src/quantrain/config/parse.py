@@ -91,8 +91,8 @@ def _parse_entry(index: int, raw: object) -> ConfigEntry:
         if key not in ENTRY_KEYS:
             hint = _closest(key, ENTRY_KEYS)
             raise _EntryError(ValueError, str(key), f"unknown key{hint}; allowed keys are {', '.join(ENTRY_KEYS)}")
-    if not any(raw.get(key) is not None for key in SELECTION_KEYS):
-        raise _EntryError(ValueError, "op_types", "each entry needs at least one of op_types, op_names, op_names_re")
+    if not any(raw.get(key) for key in SELECTION_KEYS):
+        raise _EntryError(ValueError, "op_types", "each entry needs at least one non-empty op_types, op_names or op_names_re")
     fields: dict[str, Any] = {}
     for key in ("op_types", "op_names", "exclude_op_types", "exclude_op_names"):
         fields[key] = _string_list(raw, key)

@@ -23,7 +23,7 @@ __all__ = [
     "TargetSettings",
 ]
 
-_DTYPE_RE = re.compile(r"^(u?)int([0-9]+)$")
+_DTYPE_RE = re.compile(r"(u?)int([0-9]+)")
 MIN_BITS = 2
 MAX_BITS = 8
 
@@ -46,7 +46,7 @@ class QuantDtype:
             return cls(8, True)
         if not isinstance(value, str):
             raise TypeError(f"expected a string such as 'int8' or 'uint8', got {type(value).__name__}")
-        match = _DTYPE_RE.match(value)
+        match = _DTYPE_RE.fullmatch(value)
         if match is None or not MIN_BITS <= int(match.group(2)) <= MAX_BITS:
             raise ValueError(f"unknown quant_dtype {value!r}; use 'int2'..'int8' or 'uint2'..'uint8'")
         return cls(int(match.group(2)), match.group(1) != "u")

@@ -4,7 +4,8 @@
     x_hat = (round(clamp(t, qmin, qmax)) - zero_point) * scale
     d x_hat / d x = 1 where qmin <= t <= qmax, else 0
 
-No gradient flows to ``scale`` or ``zero_point``. ``round`` is half-to-even. The result has ``x``'s dtype.
+No gradient flows to ``scale`` or ``zero_point``. ``round`` is half-to-even. The arithmetic runs in the promoted
+dtype of ``x`` and ``scale`` (float32 for half-precision inputs); the result has ``x``'s dtype.
 
 >>> import torch
 >>> x = torch.tensor([-1.0, 0.26, 0.3, 5.0], requires_grad=True)
@@ -30,7 +31,9 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-        t = x / scale + zero_point
+        # Compute on the float32 grid of the stored scale: a 0-dim scale would otherwise be cast down to
+        # x's dtype by type promotion (float16/bfloat16), giving other levels than a per-channel scale.
+        t = x.to(torch.promote_types(x.dtype, scale.dtype)) / scale + zero_point
         ctx.save_for_backward((t >= qmin) & (t <= qmax))
         return ((torch.clamp(t, qmin, qmax).round_() - zero_point) * scale).to(x.dtype)
 

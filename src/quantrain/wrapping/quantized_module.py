@@ -51,6 +51,8 @@ class QuantizedModule(nn.Module):
         return output
 
     def _float_forward(self, quantized: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
+        if not quantized:
+            return self._float_class.forward(self, *args, **kwargs)
         form = FLOAT_FORWARDS.get(self._float_class)
         if form is not None:
             return form(self, {**self._parameters, **quantized}, *args, **kwargs)
