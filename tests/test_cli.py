@@ -16,11 +16,13 @@ def test_demo_trains_float_and_int8_to_high_accuracy():
     assert result.test_size == 360
     assert result.float_accuracy > 90.0
     assert result.qat_accuracy > 90.0
-    assert abs(result.qat_accuracy - result.float_accuracy) < 3.0
+    assert result.control_accuracy > 90.0
+    assert abs(result.qat_accuracy - result.control_accuracy) < 3.0
     layers = {name for name, module in build_model().named_modules() if type(module).__name__ in ("Conv2d", "Linear")}
     assert set(result.calibration_config) == layers
     table = format_table(result)
     assert "int8 QAT (fake-quant)" in table and f"{result.qat_accuracy:.2f}%" in table
+    assert "float32 + 1 epochs (control)" in table and f"{result.control_accuracy:.2f}%" in table
 
 
 def test_digits_split_is_deterministic_and_disjoint():

@@ -5,6 +5,7 @@ Everything ships with the packages (no download). Run it with ``quantrain demo``
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,11 +23,14 @@ __all__ = ["DemoResult", "build_model", "demo_config_list", "load_digits", "run_
 @dataclass(frozen=True)
 class DemoResult:
     float_accuracy: float
+    control_accuracy: float
     qat_accuracy: float
     float_seconds: float
+    control_seconds: float
     qat_seconds: float
     test_size: int
     bits: int
+    qat_epochs: int
     calibration_config: dict
 
 
@@ -126,7 +130,11 @@ def _make_training_func(x: torch.Tensor, y: torch.Tensor, seed: int, progress: C
 
 
 def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int = 0, progress: bool = True) -> DemoResult:
-    """Train float, then QAT to int<bits>; returns both test accuracies and the calibration config."""
+    """Train float, then QAT to int<bits>; returns the test accuracies and the calibration config.
+
+    The float control continues training the float checkpoint for the same epochs, data order and learning rate
+    as QAT, so the QAT accuracy is compared with what those extra epochs alone would give.
+    """
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits(seed)
     model = build_model()
@@ -140,6 +148,13 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int 
     float_accuracy = accuracy(model, x_test, y_test)
 
     start = time.perf_counter()
+    control = copy.deepcopy(model)
+    control_train = _make_training_func(x_train, y_train, seed + 1, lambda total: bar(total, "float control"))
+    control_train(control, [torch.optim.Adam(control.parameters(), lr=5e-4)], _training_step, None, None, qat_epochs)
+    control_seconds = time.perf_counter() - start
+    control_accuracy = accuracy(control, x_test, y_test)
+
+    start = time.perf_counter()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
     evaluator = TorchEvaluator(
         _make_training_func(x_train, y_train, seed + 1, lambda total: bar(total, f"QAT int{bits}")),
@@ -151,7 +166,18 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int 
     _, calibration_config = quantizer.compress(max_steps=None, max_epochs=qat_epochs)
     qat_seconds = time.perf_counter() - start
     qat_accuracy = evaluator.evaluate()
-    return DemoResult(float_accuracy, qat_accuracy, float_seconds, qat_seconds, len(y_test), bits, calibration_config)
+    return DemoResult(
+        float_accuracy=float_accuracy,
+        control_accuracy=control_accuracy,
+        qat_accuracy=qat_accuracy,
+        float_seconds=float_seconds,
+        control_seconds=control_seconds,
+        qat_seconds=qat_seconds,
+        test_size=len(y_test),
+        bits=bits,
+        qat_epochs=qat_epochs,
+        calibration_config=calibration_config,
+    )
 
 
 def _progress_factory(enabled: bool) -> Callable:
@@ -180,6 +206,7 @@ def format_table(result: DemoResult) -> str:
     rows = [
         ("model", "test accuracy", "train time"),
         ("float32", f"{result.float_accuracy:.2f}%", f"{result.float_seconds:.1f} s"),
+        (f"float32 + {result.qat_epochs} epochs (control)", f"{result.control_accuracy:.2f}%", f"{result.control_seconds:.1f} s"),
         (f"int{result.bits} QAT (fake-quant)", f"{result.qat_accuracy:.2f}%", f"{result.qat_seconds:.1f} s"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

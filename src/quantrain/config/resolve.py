@@ -230,46 +230,35 @@ def _slot(target: str, prefix: str) -> str | int:
 
 
 def _input_plan(entry: ConfigEntry, name: str, module: nn.Module, target: str, settings: TargetSettings) -> TargetPlan:
-    slot = _slot(target, "_input_")
+    try:
+        position, keyword = _locate_input(module, _slot(target, "_input_"))
+    except ValueError as exc:
+        raise entry.error(ValueError, "target_names", f"module {name!r} ({type(module).__name__}): {exc}") from None
+    return _activation_plan(entry, name, target, TargetKind.INPUT, settings, position, keyword)
+
+
+def _locate_input(module: nn.Module, slot: str | int) -> tuple[int | None, str | None]:
+    """Where input ``slot`` (a position or an argument name) arrives in ``module.forward``: (position, keyword)."""
     try:
         params = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    except (TypeError, ValueError):  # no Python signature: accept positions as they come
-        return _activation_plan(
-            entry,
-            name,
-            target,
-            TargetKind.INPUT,
-            settings,
-            slot if isinstance(slot, int) else None,
-            None if isinstance(slot, int) else slot,
-        )
+    except (TypeError, ValueError):  # no Python signature: take positions and names as they come
+        return (slot, None) if isinstance(slot, int) else (None, slot)
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
-    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    kinds = {p.kind for p in params}
     if isinstance(slot, int):
         if slot < len(positional):
-            keyword = positional[slot].name if positional[slot].kind is not inspect.Parameter.POSITIONAL_ONLY else None
-            return _activation_plan(entry, name, target, TargetKind.INPUT, settings, slot, keyword)
-        if var_positional:
-            return _activation_plan(entry, name, target, TargetKind.INPUT, settings, slot, None)
-        raise entry.error(
-            ValueError,
-            "target_names",
-            f"module {name!r} ({type(module).__name__}) takes {len(positional)} "
-            f"positional input(s) ({', '.join(p.name for p in positional)}), so it has no {target!r}",
-        )
-    for index, param in enumerate(params):
+            param = positional[slot]
+            return slot, (None if param.kind is param.POSITIONAL_ONLY else param.name)
+        if inspect.Parameter.VAR_POSITIONAL in kinds:
+            return slot, None
+        names = ", ".join(p.name for p in positional)
+        raise ValueError(f"forward takes {len(positional)} positional input(s) ({names}), so it has no '_input_{slot}'")
+    for param in params:
         if param.name == slot and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            position = index if param in positional else None
-            return _activation_plan(entry, name, target, TargetKind.INPUT, settings, position, slot)
-    if var_keyword:
-        return _activation_plan(entry, name, target, TargetKind.INPUT, settings, None, slot)
-    raise entry.error(
-        ValueError,
-        "target_names",
-        f"module {name!r} ({type(module).__name__}).forward has no argument {slot!r}; "
-        f"its arguments are {[p.name for p in params]}",
-    )
+            return (positional.index(param) if param in positional else None), slot
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return None, slot
+    raise ValueError(f"forward has no argument {slot!r}; its arguments are {[p.name for p in params]}")
 
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
