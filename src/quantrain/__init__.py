@@ -20,7 +20,9 @@ from quantrain.config import (
 from quantrain.evaluator import Evaluator, TorchEvaluator
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.observer import RangeObserver
-from quantrain.quantizer import QATQuantizer
+from quantrain.ptq import PtqQuantizer
+from quantrain.qat import QATQuantizer
+from quantrain.schedule import Schedule
 from quantrain.wrapping import register_float_forward
 
 __version__ = "0.1.0"
@@ -29,7 +31,9 @@ __all__ = [
     "Evaluator",
     "FakeQuantizer",
     "Granularity",
+    "PtqQuantizer",
     "QATQuantizer",
+    "Schedule",
     "QuantDtype",
     "QuantScheme",
     "RangeObserver",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantrain.evaluator import TorchEvaluator
-from quantrain.quantizer import QATQuantizer
+from quantrain.qat import QATQuantizer
 
 __all__ = ["DemoResult", "build_model", "demo_config_list", "load_digits", "run_demo"]
 

@@ -4,7 +4,7 @@ It owns a :class:`~quantrain.observer.RangeObserver` and the ``scale``/``zero_po
 two uint8 enable flags (``observer_enabled``, ``fake_quant_enabled``) kept as buffers so they are saved and
 replicated with the model. Its forward, for an input ``x``::
 
-    if training and observer enabled:   track range of x; if fake quant enabled: scale, zp = qparams(range)
+    if (training or calibrating) and observer enabled:   track range of x; if fake quant enabled: scale, zp = qparams(range)
     if fake quant enabled and calibrated: return round(clamp(x / scale + zp, qmin, qmax)) - zp) * scale
     else:                                 return x
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from quantrain.config.settings import GranularityKind, TargetSettings
-from quantrain.observer import RangeObserver, resize_buffers_for_load
+from quantrain.observer import RangeObserver, RangeTracking, resize_buffers_for_load
 from quantrain.ops.fake_quant import quantize_dequantize
 from quantrain.ops.qparams import calculate_qparams
 
@@ -43,6 +43,7 @@ class FakeQuantizer(nn.Module):
             whose layout is resolved from the granularity on each batch (their batch size may change).
         range_shape: the shape of the range and qparams when known up front (parameters); ``None`` sizes them
             on the first batch.
+        tracking: how the observer combines batches.
         activation: whether the target is an input/output (dim 0 is the batch) rather than a parameter.
         label: ``module.target``, used in error messages.
     """
@@ -54,6 +55,7 @@ class FakeQuantizer(nn.Module):
         blocks: tuple[int, ...] | None = None,
         activation: bool = False,
         range_shape: tuple[int, ...] | None = None,
+        tracking: RangeTracking = RangeTracking.MOVING_AVERAGE,
         label: str = "",
         device: torch.device | None = None,
     ) -> None:
@@ -65,7 +67,8 @@ class FakeQuantizer(nn.Module):
         self._blocks = None if per_tensor else blocks
         self._activation_blocks: dict[int, tuple[int, ...] | None] = {}
         shape = () if per_tensor else range_shape
-        self.observer = RangeObserver(shape, device=device)
+        self.observer = RangeObserver(shape, tracking=tracking, device=device)
+        self.calibrating = False  # observe whatever the training mode (post-training calibration)
         size = (0,) if shape is None else shape
         self.register_buffer("scale", torch.ones(size, device=device))
         self.register_buffer("zero_point", torch.zeros(size, device=device))
@@ -78,7 +81,7 @@ class FakeQuantizer(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self.label}: only floating-point tensors can be fake-quantized, got {x.dtype}")
         blocks = self._blocks_for(x) if self.activation else self._blocks
-        if self.training and self._observe:
+        if (self.training or self.calibrating) and self._observe:
             self.observer(x, blocks)
             if self._fake_quant:
                 self.update_qparams()

@@ -1,7 +1,12 @@
-"""Range observer: tracks the min and max of what flows through, smoothed by an exponential moving average.
+"""Range observer: tracks the min and max of what flows through.
 
-``tracked = decay * tracked + (1 - decay) * current``, the first observed batch seeding it (decay 0.99 as in the
-reference). The range is per tensor or per block, as the caller's block layout says. All state is in buffers:
+Three ways to combine batches (:class:`RangeTracking`), the first observed batch always seeding the range:
+
+* ``MOVING_AVERAGE``: ``tracked = decay * tracked + (1 - decay) * current`` (decay 0.99, as the reference's QAT);
+* ``CURRENT``: the range of the latest batch only (the paper's choice for weights);
+* ``RUNNING_EXTREMES``: the smallest minimum and largest maximum seen (post-training calibration).
+
+The range is per tensor or per block, as the caller's block layout says. All state is in buffers:
 ``tracked_min``, ``tracked_max`` (float32) and ``seeded`` (uint8), so it is saved, loaded and broadcast with the
 model. A Python mirror of ``seeded`` keeps the forward free of host synchronisation.
 
@@ -14,31 +19,47 @@ model. A Python mirror of ``seeded`` keeps the forward free of host synchronisat
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import Tensor, nn
 
 from quantrain.ops.ranges import ema_update, min_max
 
-__all__ = ["RangeObserver", "resize_buffers_for_load"]
+__all__ = ["RangeObserver", "RangeTracking", "resize_buffers_for_load"]
 
 DEFAULT_DECAY = 0.99
 
 
+class RangeTracking(enum.Enum):
+    MOVING_AVERAGE = "ema"
+    CURRENT = "minmax"
+    RUNNING_EXTREMES = "extremes"
+
+
 class RangeObserver(nn.Module):
-    """Exponential moving average of per-block minima and maxima.
+    """Per-block minima and maxima, combined across batches as ``tracking`` says.
 
     Args:
         shape: the range's shape when known up front (parameters); ``None`` sizes it on the first batch.
-        decay: weight of the running value in the average.
+        tracking: how batches combine (see the module docstring).
+        decay: weight of the running value in the moving average.
     """
 
     def __init__(
-        self, shape: tuple[int, ...] | None = (), *, decay: float = DEFAULT_DECAY, device: torch.device | None = None
+        self,
+        shape: tuple[int, ...] | None = (),
+        *,
+        tracking: RangeTracking = RangeTracking.MOVING_AVERAGE,
+        decay: float = DEFAULT_DECAY,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.tracking = RangeTracking(tracking)
         self.decay = decay
+
         size = (0,) if shape is None else shape
         self.register_buffer("tracked_min", torch.zeros(size, device=device))
         self.register_buffer("tracked_max", torch.zeros(size, device=device))
@@ -60,8 +81,14 @@ class RangeObserver(nn.Module):
                 f"range shape changed from {tuple(self.tracked_min.shape)} to {tuple(current_min.shape)}: "
                 f"the tensor's channels or blocks differ from the first batch (shape {tuple(x.shape)})"
             )
-        self.tracked_min.copy_(ema_update(self.tracked_min, current_min, self.decay))
-        self.tracked_max.copy_(ema_update(self.tracked_max, current_max, self.decay))
+        if self.tracking is RangeTracking.MOVING_AVERAGE:
+            current_min = ema_update(self.tracked_min, current_min, self.decay)
+            current_max = ema_update(self.tracked_max, current_max, self.decay)
+        elif self.tracking is RangeTracking.RUNNING_EXTREMES:
+            current_min = torch.minimum(self.tracked_min, current_min)
+            current_max = torch.maximum(self.tracked_max, current_max)
+        self.tracked_min.copy_(current_min)
+        self.tracked_max.copy_(current_max)
 
     @property
     def is_seeded(self) -> bool:
@@ -77,7 +104,9 @@ class RangeObserver(nn.Module):
         self._seeded = bool(self.seeded.item())
 
     def extra_repr(self) -> str:
-        return f"decay={self.decay}"
+        if self.tracking is RangeTracking.MOVING_AVERAGE:
+            return f"tracking={self.tracking.value}, decay={self.decay}"
+        return f"tracking={self.tracking.value}"
 
 
 def resize_buffers_for_load(module: nn.Module, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:

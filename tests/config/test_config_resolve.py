@@ -379,10 +379,13 @@ def test_weight_blocks_for_other_granularities(granularity, blocks):
     assert plan.targets[0].blocks == blocks
 
 
-def test_valid_fuse_names_are_accepted_with_a_warning_and_do_not_change_the_plan():
+def test_valid_fuse_names_are_accepted_and_leave_the_targets_alone():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
-    with pytest.warns(UserWarning, match=r"config_list\[0\]: fuse_names .* not performed yet"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         (plan,) = plans_for(model, [{"op_names": ["0"], "fuse_names": [("0", "1", "2")]}])
+    assert plan.fusion is None  # fusions are planned after resolution (quantrain.config.fusion)
+
     assert plan.name == "0"
     assert [t.name for t in plan.targets] == ["weight", "bias", "_input_0", "_output_0"]
 

@@ -17,7 +17,16 @@ from torch import nn
 from quantrain.config.parse import ConfigEntry
 from quantrain.config.settings import TargetSettings
 
-__all__ = ["DEFAULT_TARGETS", "ModulePlan", "TargetKind", "TargetPlan", "register_default_targets", "resolve"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "FusionPlan",
+    "ModulePlan",
+    "float_type",
+    "TargetKind",
+    "TargetPlan",
+    "register_default_targets",
+    "resolve",
+]
 
 _LAYER_TARGETS = ("_input_0", "weight", "bias", "_output_0")
 _ACTIVATION_TARGETS = ("_input_0", "_output_0")
@@ -72,9 +81,19 @@ class TargetPlan:
 
 
 @dataclass(frozen=True)
+class FusionPlan:
+    """A fused chain starting at the planned module: the BatchNorm folded into it and/or the activation after it."""
+
+    group: tuple[str, ...]
+    bn: str | None
+    activation: str | None
+
+
+@dataclass(frozen=True)
 class ModulePlan:
     name: str
     targets: tuple[TargetPlan, ...]
+    fusion: FusionPlan | None = None
 
 
 def resolve(model: nn.Module, entries: tuple[ConfigEntry, ...]) -> tuple[ModulePlan, ...]:
@@ -111,7 +130,7 @@ def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
             if name not in modules:
                 raise entry.error(ValueError, key, f"no module named {name!r} in the model{_suggest(name, modules)}")
     for key in ("op_types", "exclude_op_types"):
-        present = {type(m).__name__ for m in modules.values()}
+        present = {float_type(m).__name__ for m in modules.values()}
         for type_name in getattr(entry, key):
             if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
                 raise entry.error(
@@ -123,7 +142,7 @@ def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
     by_name = entry.op_names or entry.op_names_re
     selected = []
     for name, module in modules.items():
-        type_name = type(module).__name__
+        type_name = float_type(module).__name__
         if by_name and not (name in entry.op_names or any(p.match(name) for p in entry.op_names_re)):
             continue
         if entry.op_types and type_name not in entry.op_types:
@@ -141,7 +160,7 @@ def _targets(entry: ConfigEntry, name: str, module: nn.Module) -> list[TargetPla
     if explicit:
         names = entry.target_names
     else:
-        names = _default_targets(type(module))
+        names = _default_targets(float_type(module))
         if names is None:
             raise entry.error(
                 ValueError,
@@ -177,6 +196,11 @@ def _targets(entry: ConfigEntry, name: str, module: nn.Module) -> list[TargetPla
                 )
             plans.append(_parameter_plan(entry, name, target, param, settings))
     return plans
+
+
+def float_type(module: nn.Module) -> type[nn.Module]:
+    """The module's class as the user wrote it (a module quantized in place reports its original class)."""
+    return getattr(type(module), "_float_class", type(module))
 
 
 def _default_targets(module_type: type) -> tuple[str, ...] | None:
@@ -240,7 +264,7 @@ def _input_plan(entry: ConfigEntry, name: str, module: nn.Module, target: str, s
 def _locate_input(module: nn.Module, slot: str | int) -> tuple[int | None, str | None]:
     """Where input ``slot`` (a position or an argument name) arrives in ``module.forward``: (position, keyword)."""
     try:
-        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        params = list(inspect.signature(float_type(module).forward).parameters.values())[1:]
     except (TypeError, ValueError):  # no Python signature: take positions and names as they come
         return (slot, None) if isinstance(slot, int) else (None, slot)
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -287,12 +311,6 @@ def _check_fuse_names(entry: ConfigEntry, modules: dict[str, nn.Module], selecte
             targets = entry.target_names or _default_targets(type(modules[group[0]])) or ()
             if "_output_0" not in targets:
                 raise entry.error(ValueError, "fuse_names", f"{group} fuses an activation, which needs '_output_' in the targets")
-    if entry.fuse_names:
-        warnings.warn(
-            f"config_list[{entry.index}]: fuse_names {list(entry.fuse_names)} is validated but BatchNorm folding "
-            "is not performed yet: the modules are quantized separately",
-            stacklevel=4,
-        )
 
 
 def _is_fusable(chain: tuple[nn.Module, ...]) -> bool:

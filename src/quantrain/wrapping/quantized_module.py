@@ -15,7 +15,7 @@ Detaching restores the original class and removes the child: the module is exact
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,18 +23,21 @@ from torch import Tensor, nn
 
 from quantrain.config.resolve import ModulePlan, TargetKind, TargetPlan
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.observer import RangeTracking
 from quantrain.ops.ranges import block_layout
+from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 from quantrain.wrapping.forwards import FLOAT_FORWARDS, substituted_parameters
 
 __all__ = ["CHILD_NAME", "QuantizedModule", "attach", "detach", "is_quantized", "quantized_class"]
 
 CHILD_NAME = "fake_quant"
+FUSION_NAME = "fusion"
 
 
-class QuantizedModule(nn.Module):
+class QuantizedModule(DerivedModule):
     """Mixin placed before the float class in a quantized module's MRO (see the module docstring)."""
 
-    _float_class: type[nn.Module]
+    prefix = "Quantized"
     fake_quant: nn.ModuleDict
     _quant_params: tuple[str, ...]
     _quant_inputs: tuple[tuple[str, int | None, str | None], ...]
@@ -44,61 +47,67 @@ class QuantizedModule(nn.Module):
         fake_quant = self.fake_quant
         if self._quant_inputs:
             args, kwargs = _quantize_inputs(fake_quant, self._quant_inputs, args, kwargs)
-        quantized = {name: fake_quant[name](self._parameters[name]) for name in self._quant_params}
-        output = self._float_forward(quantized, args, kwargs)
+        fusion = self._modules.get(FUSION_NAME)
+        if fusion is None:
+            quantized = {name: fake_quant[name](self._parameters[name]) for name in self._quant_params}
+            output = self.float_forward(quantized, *args, **kwargs)
+        else:
+            output = fusion.fused_forward(self, *args, **kwargs)
         if self._quant_outputs:
             output = _quantize_outputs(fake_quant, self._quant_outputs, output)
+        if fusion is not None:
+            fusion.record(output)
         return output
 
-    def _float_forward(self, quantized: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
-        if not quantized:
+    def float_forward(self, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The float class's forward, with ``params`` in place of the parameters of the same names."""
+        if not params:
             return self._float_class.forward(self, *args, **kwargs)
         form = FLOAT_FORWARDS.get(self._float_class)
         if form is not None:
-            return form(self, {**self._parameters, **quantized}, *args, **kwargs)
-        with substituted_parameters(self, quantized):
+            return form(self, {**self._parameters, **params}, *args, **kwargs)
+        with substituted_parameters(self, params):
             return self._float_class.forward(self, *args, **kwargs)
-
-    def __reduce_ex__(self, protocol):
-        return _new_quantized, (self._float_class,), self.__getstate__()
-
-
-_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
 
 
 def quantized_class(float_class: type[nn.Module]) -> type[QuantizedModule]:
     """The quantized subclass of ``float_class`` (created once, then cached)."""
-    cls = _CLASSES.get(float_class)
-    if cls is None:
-        name = f"Quantized{float_class.__name__}"
-        cls = type(
-            name, (QuantizedModule, float_class), {"_float_class": float_class, "__module__": __name__, "__qualname__": name}
-        )
-        _CLASSES[float_class] = cls
-    return cls
-
-
-def _new_quantized(float_class: type[nn.Module]) -> QuantizedModule:
-    """Unpickling helper: an empty instance of the quantized subclass of ``float_class``."""
-    cls = quantized_class(float_class)
-    return cls.__new__(cls)
+    return derived_class(QuantizedModule, float_class)
 
 
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, QuantizedModule)
 
 
-def build_fake_quantizers(module_name: str, module: nn.Module, plan: ModulePlan, device: torch.device | None) -> nn.ModuleDict:
-    """One FakeQuantizer per target of ``plan``; reads ``module`` but does not change it."""
+def build_fake_quantizers(
+    module_name: str,
+    module: nn.Module,
+    plan: ModulePlan,
+    device: torch.device | None,
+    tracking: Callable[[TargetKind], RangeTracking] | None = None,
+) -> nn.ModuleDict:
+    """One FakeQuantizer per target of ``plan``; reads ``module`` but does not change it.
+
+    ``tracking(kind)`` says how each kind of target tracks its range (default: moving average).
+    """
+    tracking = tracking or (lambda kind: RangeTracking.MOVING_AVERAGE)
     fake_quant = nn.ModuleDict()
+
     for target in plan.targets:
         label = f"{module_name or type(module).__name__}.{target.name}"
         if target.kind is TargetKind.PARAMETER:
             param = module._parameters[target.name]
             shape = None if target.blocks is None else block_layout(param.shape, target.blocks)[1]
-            fq = FakeQuantizer(target.settings, blocks=target.blocks, range_shape=shape, label=label, device=param.device)
+            fq = FakeQuantizer(
+                target.settings,
+                blocks=target.blocks,
+                range_shape=shape,
+                tracking=tracking(target.kind),
+                label=label,
+                device=param.device,
+            )
         else:
-            fq = FakeQuantizer(target.settings, activation=True, label=label, device=device)
+            fq = FakeQuantizer(target.settings, activation=True, tracking=tracking(target.kind), label=label, device=device)
         fake_quant[target.name] = fq
     return fake_quant
 
@@ -117,9 +126,10 @@ def detach(module: nn.Module) -> None:
     if not isinstance(module, QuantizedModule):
         return
     del module._modules[CHILD_NAME]
+    module._modules.pop(FUSION_NAME, None)
     for attribute in ("_quant_params", "_quant_inputs", "_quant_outputs"):
         module.__dict__.pop(attribute, None)
-    module.__class__ = module._float_class
+    restore_class(module)
 
 
 def _names(targets: tuple[TargetPlan, ...], kind: TargetKind) -> tuple[str, ...]:

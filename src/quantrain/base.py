@@ -1,0 +1,240 @@
+"""What every quantizer shares: wrapping the model, counting optimizer steps, state, calibration_config, unwrapping."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from quantrain.calibration import CalibrationConfig
+from quantrain.config.fusion import plan_fusions
+from quantrain.config.parse import parse_config_list
+from quantrain.config.resolve import ModulePlan, TargetKind, resolve
+from quantrain.evaluator import Evaluator
+from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.observer import RangeTracking
+from quantrain.wrapping.fusion import Fusion
+from quantrain.wrapping.model import OWNED_CHILDREN, check_wrappable, unwrap, wrap
+from quantrain.wrapping.quantized_module import FUSION_NAME
+
+__all__ = ["FUSE_MODES", "STEP_BUFFER", "Quantizer"]
+
+STEP_BUFFER = "quantrain_step"
+FUSE_MODES = (None, "auto")
+
+
+class Quantizer:
+    """Base class: quantizes ``model`` in place from ``config_list`` (see :class:`~quantrain.QATQuantizer`).
+
+    Subclasses say how ranges are tracked (:meth:`_tracking`) and what each step changes (:meth:`_apply_schedule`).
+    """
+
+    def __init__(
+        self, model: nn.Module, config_list: list[dict[str, Any]], evaluator: Evaluator | None = None, *, fuse: str | None = None
+    ) -> None:
+        plans = self._plan(model, config_list, evaluator, fuse)
+        if evaluator is not None:
+            evaluator.bind_model(model)
+        self.bound_model = model
+        self.evaluator = evaluator
+        self.fuse = fuse
+        self._current_step = 0
+        device = _device_of(model)
+        self._modules = wrap(model, plans, self._tracking, device)
+        model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64, device=device))
+        self._param_ids = frozenset(id(p) for p in model.parameters())
+        self._optimizer: weakref.ref | None = None
+        ref = weakref.ref(self)
+        # The step hook goes with the quantizer; the load hook stays with the model for as long as it is quantized.
+        self._hooks = [register_optimizer_step_post_hook(functools.partial(_on_optimizer_step, ref))]
+        weakref.finalize(self, _remove_hooks, list(self._hooks))
+        self._hooks.append(model.register_load_state_dict_post_hook(_AfterLoad(ref)))
+
+    @staticmethod
+    def _plan(model: nn.Module, config_list: Any, evaluator: Any, fuse: Any) -> tuple[ModulePlan, ...]:
+        """Validate everything and return the plans; raises before the model is touched."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if evaluator is not None and not isinstance(evaluator, Evaluator):
+            raise TypeError(f"evaluator must be a quantrain Evaluator such as TorchEvaluator, got {type(evaluator).__name__}")
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"fuse must be None (fold only what fuse_names names) or 'auto', got {fuse!r}")
+        check_wrappable(model)
+        entries = parse_config_list(config_list)
+        plans = plan_fusions(model, entries, resolve(model, entries), auto=fuse == "auto")
+        check_wrappable(model, plans)
+        return plans
+
+    def _tracking(self, kind: TargetKind) -> RangeTracking:
+        return RangeTracking.MOVING_AVERAGE
+
+    def _apply_schedule(self) -> None:
+        """Bring every quantizer's flags in line with the current step."""
+
+    # ---- steps -------------------------------------------------------------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        """Optimizer steps counted so far."""
+        return self._current_step
+
+    def step(self) -> None:
+        """Count one optimizer step (done automatically for the tracked optimizer)."""
+        self._current_step += 1
+        self.bound_model.get_buffer(STEP_BUFFER).fill_(self._current_step)
+        self._apply_schedule()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count the steps of ``optimizer`` (instead of the first optimizer seen stepping on the model)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._optimizer = weakref.ref(optimizer)
+
+    def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
+        bound = self._optimizer() if self._optimizer is not None else None
+        if bound is None:
+            if not any(id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"]):
+                return
+            self._optimizer = weakref.ref(optimizer)
+            bound = optimizer
+        if optimizer is bound:
+            self.step()
+
+    # ---- forwards ----------------------------------------------------------------------------------------
+
+    def track_forward(self, *args: Any, **kwargs: Any) -> None:
+        """Run one no-grad forward that tracks ranges, whatever the model's mode, so every buffer has its shape
+        (call it before wrapping the model in DistributedDataParallel)."""
+        self._check_wrapped()
+        quantizers = list(self.fake_quantizers())
+        for fq in quantizers:
+            fq.calibrating = True
+        try:
+            with torch.no_grad():
+                self.bound_model(*args, **kwargs)
+        finally:
+            for fq in quantizers:
+                fq.calibrating = False
+
+    # ---- results -----------------------------------------------------------------------------------------
+
+    def fake_quantizers(self) -> Iterator[FakeQuantizer]:
+        for module in self._modules.values():
+            yield from module.fake_quant.values()
+
+    def fusions(self) -> Iterator[Fusion]:
+        for module in self._modules.values():
+            fusion = module._modules.get(FUSION_NAME)
+            if fusion is not None:
+                yield fusion
+
+    @property
+    def quantized_modules(self) -> dict[str, nn.Module]:
+        """The quantized modules by name."""
+        return dict(self._modules)
+
+    def get_calibration_config(self) -> CalibrationConfig:
+        """``{module: {target: {scale, zero_point, quant_dtype, quant_scheme, quant_bits, tracked_min, tracked_max}}}``
+        for every target that has a scale (CPU tensors; zero_point as float)."""
+        config: CalibrationConfig = {}
+        for name, module in self._modules.items():
+            for target, fq in module.fake_quant.items():
+                if fq.is_calibrated:
+                    config.setdefault(name, {})[target] = _calibration_entry(fq)
+        return config
+
+    def unwrap_model(self) -> nn.Module:
+        """Remove every quantizer: the model is its float self again, with the trained weights."""
+        self._check_wrapped()
+        unwrap(self._modules)
+        del self.bound_model._buffers[STEP_BUFFER]
+        _remove_hooks(self._hooks)
+        self._modules = {}
+        self._unwrapped = True
+        return self.bound_model
+
+    def _check_wrapped(self) -> None:
+        if getattr(self, "_unwrapped", False):
+            raise RuntimeError(f"this quantizer's model was unwrapped; create a new {type(self).__name__} to quantize it again")
+
+    def _loaded(self) -> None:
+        self._current_step = int(self.bound_model.get_buffer(STEP_BUFFER).item())
+
+
+def _calibration_entry(fq: FakeQuantizer) -> dict[str, Any]:
+    s = fq.settings
+    return {
+        "scale": _cpu(fq.scale),
+        "zero_point": _cpu(fq.zero_point),
+        "quant_dtype": s.dtype.name,
+        "quant_scheme": s.scheme.value,
+        "quant_bits": s.dtype.bits,
+        "tracked_min": _cpu(fq.observer.tracked_min),
+        "tracked_max": _cpu(fq.observer.tracked_max),
+    }
+
+
+def check_budget(max_steps: Any, max_epochs: Any, *, required: bool) -> None:
+    """Validate compress()'s step and epoch budget."""
+    if required and max_steps is None and max_epochs is None:
+        raise ValueError("compress() needs max_steps or max_epochs (or both)")
+    for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"compress(): {name} must be a positive int or None, got {value!r}")
+
+
+def is_quantrain_key(key: str) -> bool:
+    """Whether a state_dict key belongs to quantrain's state rather than to the user's model."""
+    if key == STEP_BUFFER:
+        return True
+    return any(key.startswith(f"{child}.") or f".{child}." in key for child in OWNED_CHILDREN)
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _on_optimizer_step(ref: weakref.ref, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    quantizer = ref()
+    if quantizer is not None:
+        quantizer._on_step(optimizer)
+
+
+class _AfterLoad:
+    """load_state_dict post hook on the model: accept float checkpoints, and resync the quantizer's step.
+
+    It refers to the quantizer weakly and drops that reference when the model is copied or pickled (a copy has
+    no quantizer of its own).
+    """
+
+    def __init__(self, ref: weakref.ref | None) -> None:
+        self.ref = ref
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        # A float checkpoint has no quantization state: keep the model's own rather than failing a strict load.
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not is_quantrain_key(k)]
+        quantizer = self.ref() if self.ref is not None else None
+        if quantizer is not None:
+            quantizer._loaded()
+
+    def __reduce__(self):
+        return _AfterLoad, (None,)
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

@@ -1,0 +1,129 @@
+"""PtqQuantizer: post-training quantization with NNI 3.0's interface: calibrate by forward passes, no training.
+
+Ranges are the smallest minimum and largest maximum seen over the calibration data (per tensor, channel or block),
+tracked whatever the module's mode; scales and zero points are then computed once with the same formulas as QAT,
+and fake quantization is switched on. Folded BatchNorms use their running statistics throughout.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 2))
+>>> ptq = PtqQuantizer(model, [{"op_types": ["Linear"], "target_names": ["weight", "_output_"]}])
+>>> for _ in range(3):
+...     ptq.track_forward(torch.randn(16, 4))
+>>> _, calibration_config = ptq.compress()
+>>> sorted(calibration_config["0"])
+['_output_0', 'weight']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantrain.base import Quantizer
+from quantrain.calibration import CalibrationConfig
+from quantrain.config.resolve import TargetKind
+from quantrain.evaluator import Evaluator
+from quantrain.observer import RangeTracking
+from quantrain.qat import _check_budget
+
+__all__ = ["PtqQuantizer"]
+
+
+class PtqQuantizer(Quantizer):
+    """Post-training quantization: calibrate ranges on data, then quantize, without changing any weight.
+
+    Calibrate with :meth:`track_forward` (one batch per call), or through the evaluator in :meth:`compress`,
+    which runs the evaluator's training loop (only to feed data: parameters, buffers and optimizer states are
+    restored afterwards) and its ``evaluating_func``. :meth:`compress` then computes scales and zero points and
+    switches fake quantization on. ``QATQuantizer.from_compressor(ptq, config_list)`` continues from the result.
+
+    Args:
+        model: the float model; quantized in place.
+        config_list: as for :class:`~quantrain.QATQuantizer`.
+        evaluator: optional data source for :meth:`compress`.
+        fuse: ``None`` or ``'auto'``, as for :class:`~quantrain.QATQuantizer`.
+    """
+
+    def __init__(
+        self, model: nn.Module, config_list: list[dict[str, Any]], evaluator: Evaluator | None = None, *, fuse: str | None = None
+    ) -> None:
+        super().__init__(model, config_list, evaluator, fuse=fuse)
+        self.is_compressed = False
+        for fusion in self.fusions():
+            fusion.freeze_bn(True)
+
+    def _tracking(self, kind: TargetKind) -> RangeTracking:
+        return RangeTracking.RUNNING_EXTREMES
+
+    def compress(self, max_steps: int | None = None, max_epochs: int | None = None) -> tuple[nn.Module, CalibrationConfig]:
+        """Calibrate through the evaluator (if given), then compute scales and zero points and quantize.
+
+        Returns ``(model, calibration_config)``.
+        """
+        self._check_wrapped()
+        _check_budget(max_steps, max_epochs, required=False)
+        if (max_steps is not None or max_epochs is not None) and self.evaluator is None:
+            raise ValueError(
+                "compress(max_steps, max_epochs) calibrates through an evaluator; pass evaluator=... or "
+                "calibrate with track_forward() and call compress() without arguments"
+            )
+        evaluator = self.evaluator
+        with self._calibrating():
+            if evaluator is not None and (max_steps is not None or max_epochs is not None):
+                with _nothing_trained(self.bound_model, evaluator):
+                    evaluator.train(max_steps, max_epochs)
+            if evaluator is not None and getattr(evaluator, "evaluating_func", None) is not None:
+                with torch.no_grad():
+                    evaluator.evaluate()
+        uncalibrated = [fq.label for fq in self.fake_quantizers() if not fq.observer.is_seeded]
+        if uncalibrated:
+            raise ValueError(
+                f"no calibration data reached {uncalibrated}; run track_forward() on some batches "
+                "(or give the evaluator a training or evaluating function that calls the model) first"
+            )
+        for fq in self.fake_quantizers():
+            fq.update_qparams()
+            fq.enable_observer(False)
+            fq.enable_fake_quant(True)
+        self.is_compressed = True
+        return self.bound_model, self.get_calibration_config()
+
+    @contextlib.contextmanager
+    def _calibrating(self) -> Iterator[None]:
+        quantizers = list(self.fake_quantizers())
+        for fq in quantizers:
+            fq.calibrating = True
+        try:
+            yield
+        finally:
+            for fq in quantizers:
+                fq.calibrating = False
+
+
+@contextlib.contextmanager
+def _nothing_trained(model: nn.Module, evaluator: Evaluator) -> Iterator[None]:
+    """Let a training loop run as a data feeder: afterwards the model's parameters and buffers (BatchNorm
+    statistics included) and the optimizers' states are exactly as before; quantrain's range state is kept."""
+    from quantrain.base import is_quantrain_key
+
+    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_quantrain_key(k)}
+    optimizers = list(getattr(evaluator, "optimizers", ()))
+    saved_optimizers = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers]
+    training = {name: module.training for name, module in model.named_modules()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            current = model.state_dict()
+            for key, value in saved_model.items():
+                current[key].copy_(value)
+        for optimizer, state in zip(optimizers, saved_optimizers, strict=True):
+            optimizer.load_state_dict(state)
+        for name, module in model.named_modules():
+            module.training = training.get(name, module.training)

@@ -1,0 +1,159 @@
+"""QATQuantizer: quantization-aware training with NNI 3.0's API and semantics, plus the paper's schedule controls.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+>>> quantizer = QATQuantizer(model, [{"op_types": ["Linear"], "target_names": ["weight", "_output_"],
+...                                   "quant_dtype": "int8", "quant_scheme": "affine"}])
+>>> _ = model(torch.randn(8, 4))          # a training-mode forward tracks ranges and fake-quantizes
+>>> sorted(quantizer.get_calibration_config()["0"])
+['_output_0', 'weight']
+>>> quantizer.unwrap_model() is model
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from quantrain.base import Quantizer, check_budget
+from quantrain.calibration import CalibrationConfig
+from quantrain.config.parse import parse_config_list
+from quantrain.config.resolve import TargetKind, resolve
+from quantrain.evaluator import Evaluator
+from quantrain.observer import RangeTracking
+from quantrain.schedule import Phase, Schedule
+
+__all__ = ["QATQuantizer"]
+
+WEIGHT_RANGES = {"ema": RangeTracking.MOVING_AVERAGE, "minmax": RangeTracking.CURRENT}
+
+
+class QATQuantizer(Quantizer):
+    """Quantization-aware training (Jacob et al., CVPR 2018) as NNI 3.0's ``QATQuantizer`` defines it.
+
+    The selected modules are quantized in place: their Parameters stay the same objects (an optimizer built
+    before keeps training them), their state_dict keys stay, and the quantization state (tracked ranges, scales,
+    zero points, step) joins the model's state_dict. In training mode every forward tracks each target's range
+    (EMA, decay 0.99); from ``quant_start_step`` optimizer steps on, it also recomputes scale and zero point
+    and fake-quantizes. In eval mode ranges are frozen and fake quantization still applies.
+
+    Steps are counted from the first optimizer that steps on the model's parameters (or the evaluator's first
+    optimizer, or the one given to :meth:`attach_optimizer`); :meth:`step` counts one by hand.
+
+    Args:
+        model: the float model; quantized in place.
+        config_list: which modules and targets to quantize, and how (NNI's schema, see the docs).
+        evaluator: drives training for :meth:`compress`; not needed when you train in your own loop.
+        quant_start_step: optimizer steps of float training (ranges still tracked) before QAT begins.
+        activation_start_step: step from which inputs/outputs are fake-quantized (default: quant_start_step).
+        freeze_bn_step: step from which folded BatchNorms use frozen running statistics (default: never).
+        freeze_range_step: step from which ranges, scales and zero points stop changing (default: never).
+        weight_range: ``'ema'`` (the reference: moving average of weight ranges) or ``'minmax'`` (the paper:
+            the current weights' min and max).
+        fuse: ``None`` folds only what ``fuse_names`` names (the reference); ``'auto'`` also finds
+            Conv/Linear -> BatchNorm (-> ReLU/ReLU6) chains by tracing the model with ``torch.fx``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: list[dict[str, Any]],
+        evaluator: Evaluator | None = None,
+        quant_start_step: int = 0,
+        *,
+        activation_start_step: int | None = None,
+        freeze_bn_step: int | None = None,
+        freeze_range_step: int | None = None,
+        weight_range: str = "ema",
+        fuse: str | None = None,
+    ) -> None:
+        if isinstance(quant_start_step, int) and not isinstance(quant_start_step, bool):
+            quant_start_step = max(quant_start_step, 0)  # the reference clamps negative starts
+        self.schedule = Schedule(
+            quant_start_step=quant_start_step,
+            activation_start_step=activation_start_step,
+            freeze_bn_step=freeze_bn_step,
+            freeze_range_step=freeze_range_step,
+        )
+        if weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight_range must be 'ema' or 'minmax', got {weight_range!r}")
+        self.weight_range = weight_range
+        super().__init__(model, config_list, evaluator, fuse=fuse)
+        self._phase: Phase | None = None
+        self._apply_schedule()
+
+    @property
+    def quant_start_step(self) -> int:
+        return self.schedule.quant_start_step
+
+    @classmethod
+    def from_compressor(
+        cls,
+        compressor: Quantizer,
+        new_config_list: list[dict[str, Any]],
+        quant_start_step: int = 0,
+        evaluator: Evaluator | None = None,
+        **kwargs: Any,
+    ) -> QATQuantizer:
+        """Continue from another quantizer (e.g. a :class:`~quantrain.PtqQuantizer`) on the same model.
+
+        Targets that keep the same settings carry their tracked ranges, scales and zero points over; the earlier
+        quantizer is unwrapped. ``evaluator`` defaults to the earlier one's.
+        """
+        if not isinstance(compressor, Quantizer):
+            raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
+        compressor._check_wrapped()
+        model = compressor.bound_model
+        resolve(model, parse_config_list(new_config_list))  # a bad config fails here, before anything changes
+        carried = {
+            (name, target): (fq.settings, fq.state_dict())
+            for name, module in compressor._modules.items()
+            for target, fq in module.fake_quant.items()
+        }
+        compressor.unwrap_model()
+        quantizer = cls(model, new_config_list, evaluator or compressor.evaluator, quant_start_step, **kwargs)
+        for name, module in quantizer._modules.items():
+            for target, fq in module.fake_quant.items():
+                settings, state = carried.get((name, target), (None, None))
+                if settings == fq.settings:
+                    keep = {k: v for k, v in state.items() if not k.endswith("_enabled")}
+                    fq.load_state_dict({**fq.state_dict(), **keep})
+        return quantizer
+
+    def _tracking(self, kind: TargetKind) -> RangeTracking:
+        return WEIGHT_RANGES[self.weight_range] if kind is TargetKind.PARAMETER else RangeTracking.MOVING_AVERAGE
+
+    def _apply_schedule(self) -> None:
+        phase = self.schedule.phase(self._current_step)
+        if phase == self._phase:
+            return
+        for fq in self.fake_quantizers():
+            fq.enable_fake_quant(phase.activations if fq.activation else phase.weights)
+            fq.enable_observer(phase.observers)
+        for fusion in self.fusions():
+            fusion.freeze_bn(phase.bn_frozen)
+        self._phase = phase
+
+    def _loaded(self) -> None:
+        super()._loaded()
+        self._phase = self.schedule.phase(self._current_step)  # the flags came with the state_dict
+
+    def compress(self, max_steps: int | None = None, max_epochs: int | None = None) -> tuple[nn.Module, CalibrationConfig]:
+        """Train through the evaluator for ``max_steps`` steps and/or ``max_epochs`` epochs.
+
+        Returns ``(model, calibration_config)``; the model stays quantized.
+        """
+        self._check_wrapped()
+        if self.evaluator is None:
+            raise ValueError(
+                "compress() trains through an evaluator: pass evaluator=TorchEvaluator(...) to the "
+                "quantizer, or train the model in your own loop and call get_calibration_config()"
+            )
+        check_budget(max_steps, max_epochs, required=True)
+        if self.evaluator.first_optimizer is not None:
+            self.attach_optimizer(self.evaluator.first_optimizer)
+        self.evaluator.train(max_steps, max_epochs)
+        return self.bound_model, self.get_calibration_config()

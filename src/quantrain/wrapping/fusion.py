@@ -1,0 +1,162 @@
+"""Fusion: Conv/Linear + BatchNorm (+ ReLU/ReLU6) folded during QAT, and activation fusion.
+
+A fused layer keeps every module where it is. The conv (or linear) gets a ``fusion`` child and computes the whole
+chain; the BatchNorm becomes a pass-through (its class derived as ``Folded<Name>``) that checks it receives the
+conv's output; the activation module is left alone (ReLU and ReLU6 are idempotent, so applying them again to the
+fused output changes nothing).
+
+With ``s = gamma / sqrt(running_var + eps)`` (per output channel), the layer computes, while BN is live
+(training mode and not frozen), the paper's folding with the batch-statistics correction::
+
+    y = conv(x, fq(w * s)) / s + b            # weights quantized folded with the running statistics
+    y = batch_norm(y)                          # batch statistics; running statistics keep updating
+
+which equals ``batch_norm(conv(x, w) + b)`` up to weight quantization, and sends gradients to w, gamma and beta
+whether or not the conv has a bias. Once BN is frozen (or in eval mode) it computes what an integer engine runs::
+
+    y = conv(x, fq(w * s), fq(beta + (b - running_mean) * s))
+
+Channels with gamma = 0 use s = 1 in the live formula (the BN output is beta there anyway, and gamma still gets
+its gradient); the standard deviation is floored at 1e-12, so tiny variances stay finite.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
+
+__all__ = ["ACTIVATIONS", "FoldedBatchNorm", "Fusion", "fold_parameters", "fold_factor", "link_folded_bn", "unlink_folded_bn"]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "relu6": F.relu6}
+MIN_STD = 1e-12
+
+
+def fold_factor(bn: _BatchNorm) -> Tensor:
+    """``gamma / sqrt(running_var + eps)`` per channel (gamma = 1 without affine parameters)."""
+    std = torch.sqrt(bn.running_var + bn.eps).clamp_min(MIN_STD)
+    return std.reciprocal() if bn.weight is None else bn.weight / std
+
+
+def fold_parameters(weight: Tensor, bias: Tensor | None, bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+    """Weight and bias of the single conv/linear equal to ``bn(conv(x))`` with BN's running statistics.
+
+    ``w' = w * s``, ``b' = beta + (b - mean) * s`` with ``s = gamma / sqrt(var + eps)``.
+    """
+    factor = fold_factor(bn)
+    conv_bias = torch.zeros_like(factor) if bias is None else bias
+    beta = torch.zeros_like(factor) if bn.bias is None else bn.bias
+    return weight * factor.reshape(_channel_shape(weight.dim(), 0)), beta + (conv_bias - bn.running_mean) * factor
+
+
+def _channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(-1 if dim == axis else 1 for dim in range(ndim))
+
+
+class Fusion(nn.Module):
+    """What a fused layer adds to its first module: the folded BN (if any), the activation, the BN freeze flag.
+
+    The BN is referenced, not owned: it stays in the model where it was (and in the state_dict under its name).
+    """
+
+    def __init__(self, group: tuple[str, ...], bn: _BatchNorm | None, activation: str | None) -> None:
+        super().__init__()
+        self.group = group
+        self.activation = activation
+        self.__dict__["bn"] = bn
+        self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.uint8))
+        self._bn_frozen = False
+        self._last_output: weakref.ref | None = None
+
+    bn: _BatchNorm | None
+
+    def fused_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.bn is None:
+            quantized = {name: module.fake_quant[name](module._parameters[name]) for name in module._quant_params}
+            output = module.float_forward(quantized, *args, **kwargs)
+        else:
+            output = self._folded_forward(module, *args, **kwargs)
+        return output if self.activation is None else ACTIVATIONS[self.activation](output)
+
+    def _folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        bn, fake_quant = self.bn, module.fake_quant
+        quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
+        quantize_bias = fake_quant["bias"] if "bias" in fake_quant else _identity  # noqa: SIM401
+        if not (bn.training and not self._bn_frozen):
+            weight, bias = fold_parameters(module.weight, module.bias, bn)
+            return module.float_forward({"weight": quantize_weight(weight), "bias": quantize_bias(bias)}, *args, **kwargs)
+        factor = fold_factor(bn)
+        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+        weight = quantize_weight(module.weight * safe.reshape(_channel_shape(module.weight.dim(), 0)))
+        y = module.float_forward({"weight": weight, "bias": None}, *args, **kwargs)
+        shape = _channel_shape(y.dim(), 1)
+        y = y / safe.reshape(shape)
+        if module.bias is not None:
+            y = y + module.bias.reshape(shape)
+        if "bias" in fake_quant:  # track the deployable bias's range while BN is live
+            with torch.no_grad():
+                quantize_bias(fold_parameters(module.weight, module.bias, bn)[1])
+        return bn._float_class.forward(bn, y)
+
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """Use running statistics from now on (and stop updating them)."""
+        self.bn_frozen.fill_(int(frozen))
+        self._bn_frozen = bool(frozen)
+
+    @property
+    def is_bn_frozen(self) -> bool:
+        return self._bn_frozen
+
+    def record(self, output: Any) -> None:
+        self._last_output = weakref.ref(output) if isinstance(output, Tensor) else None
+
+    def produced(self, tensor: Tensor) -> bool:
+        return self._last_output is not None and self._last_output() is tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._bn_frozen = bool(self.bn_frozen.item())
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "_last_output": None}
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}, activation={self.activation}"
+
+
+class FoldedBatchNorm(DerivedModule):
+    """A BatchNorm folded into the layer before it: passes its input through (the layer already applied it)."""
+
+    prefix = "Folded"
+
+    def forward(self, input: Tensor) -> Tensor:
+        fusion: Fusion = self.__dict__["_fused_into"]
+        if not fusion.produced(input):
+            raise ValueError(
+                f"fuse_names {fusion.group}: {fusion.group[1]!r} must receive the output of {fusion.group[0]!r} "
+                "directly, but got another tensor; fuse only consecutive modules"
+            )
+        return input
+
+
+def link_folded_bn(bn: _BatchNorm, fusion: Fusion) -> None:
+    bn.__class__ = derived_class(FoldedBatchNorm, type(bn))
+    bn.__dict__["_fused_into"] = fusion
+
+
+def unlink_folded_bn(bn: nn.Module) -> None:
+    if isinstance(bn, FoldedBatchNorm):
+        bn.__dict__.pop("_fused_into", None)
+        restore_class(bn)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x

@@ -1,0 +1,64 @@
+"""Wrap a whole model from its plans (quantizers and fusions), all or nothing, and unwrap it again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from quantrain.config.resolve import ModulePlan, TargetKind
+from quantrain.observer import RangeTracking
+from quantrain.wrapping.fusion import Fusion, link_folded_bn, unlink_folded_bn
+from quantrain.wrapping.quantized_module import CHILD_NAME, FUSION_NAME, attach, build_fake_quantizers, detach, is_quantized
+
+__all__ = ["OWNED_CHILDREN", "check_wrappable", "unwrap", "wrap"]
+
+OWNED_CHILDREN = (CHILD_NAME, FUSION_NAME)
+"""Children quantrain adds to a quantized module (their state_dict keys are quantrain's)."""
+
+
+def check_wrappable(model: nn.Module, plans: tuple[ModulePlan, ...] | None = None) -> None:
+    """Raise ``ValueError`` if the model is already quantized or a planned module lacks room for quantrain's children."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if is_quantized(module):
+            raise ValueError(
+                f"module {name or type(model).__name__!r} is already quantized by quantrain; call "
+                "unwrap_model() on its quantizer first"
+            )
+    for plan in plans or ():
+        for child in OWNED_CHILDREN:
+            if hasattr(modules[plan.name], child):
+                raise ValueError(f"module {plan.name!r} already has an attribute {child!r}, which quantrain needs")
+
+
+def wrap(
+    model: nn.Module, plans: tuple[ModulePlan, ...], tracking: Callable[[TargetKind], RangeTracking], device: torch.device | None
+) -> dict[str, nn.Module]:
+    """Attach every plan's quantizers and fusion; on any failure the model is restored before re-raising."""
+    modules = dict(model.named_modules())
+    built = [(modules[p.name], p, build_fake_quantizers(p.name, modules[p.name], p, device, tracking)) for p in plans]
+    wrapped = {plan.name: module for module, plan, _ in built}
+    try:
+        for module, plan, fake_quant in built:
+            attach(module, plan, fake_quant)
+            if plan.fusion is not None:
+                bn = modules[plan.fusion.bn] if plan.fusion.bn is not None else None
+                fusion = Fusion(plan.fusion.group, bn, plan.fusion.activation).to(device)
+                module.add_module(FUSION_NAME, fusion)
+                if bn is not None:
+                    link_folded_bn(bn, fusion)
+    except BaseException:
+        unwrap(wrapped)
+        raise
+    return wrapped
+
+
+def unwrap(wrapped: dict[str, nn.Module]) -> None:
+    """Undo :func:`wrap` for these modules (and the BatchNorms folded into them)."""
+    for module in wrapped.values():
+        fusion = module._modules.get(FUSION_NAME)
+        if isinstance(fusion, Fusion) and fusion.bn is not None:
+            unlink_folded_bn(fusion.bn)
+        detach(module)
