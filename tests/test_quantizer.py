@@ -335,15 +335,6 @@ def test_bad_arguments(kwargs, error):
         QATQuantizer(**arguments)
 
 
-def test_fuse_names_is_validated_and_warns_that_it_is_not_applied():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
-    with pytest.warns(UserWarning, match="not performed"):
-        QATQuantizer(model, [{"op_names": ["0"], "fuse_names": [("0", "1", "2")]}])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        QATQuantizer(nn.Sequential(nn.Linear(2, 2)), LINEAR_ALL)
-
-
 def test_batchnorm_default_targets_quantize_its_affine_parameters():
     bn = nn.BatchNorm1d(3)
     with torch.no_grad():

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantrain.base import Quantizer
+from quantrain.base import Quantizer, check_budget, is_quantrain_key
 from quantrain.calibration import CalibrationConfig
 from quantrain.config.resolve import TargetKind
 from quantrain.evaluator import Evaluator
 from quantrain.observer import RangeTracking
-from quantrain.qat import _check_budget
 
 __all__ = ["PtqQuantizer"]
 
@@ -67,7 +66,7 @@ class PtqQuantizer(Quantizer):
         Returns ``(model, calibration_config)``.
         """
         self._check_wrapped()
-        _check_budget(max_steps, max_epochs, required=False)
+        check_budget(max_steps, max_epochs, required=False)
         if (max_steps is not None or max_epochs is not None) and self.evaluator is None:
             raise ValueError(
                 "compress(max_steps, max_epochs) calibrates through an evaluator; pass evaluator=... or "
@@ -110,8 +109,6 @@ class PtqQuantizer(Quantizer):
 def _nothing_trained(model: nn.Module, evaluator: Evaluator) -> Iterator[None]:
     """Let a training loop run as a data feeder: afterwards the model's parameters and buffers (BatchNorm
     statistics included) and the optimizers' states are exactly as before; quantrain's range state is kept."""
-    from quantrain.base import is_quantrain_key
-
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_quantrain_key(k)}
     optimizers = list(getattr(evaluator, "optimizers", ()))
     saved_optimizers = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers]
