@@ -18,7 +18,7 @@ from quantrain.config.resolve import ModulePlan, TargetKind, resolve
 from quantrain.evaluator import Evaluator
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.observer import RangeTracking
-from quantrain.wrapping.fusion import Fusion
+from quantrain.wrapping.fusion import Fusion, fold_parameters
 from quantrain.wrapping.model import OWNED_CHILDREN, check_wrappable, unwrap, wrap
 from quantrain.wrapping.quantized_module import FUSION_NAME
 
@@ -132,6 +132,17 @@ class Quantizer:
             fusion = module._modules.get(FUSION_NAME)
             if fusion is not None:
                 yield fusion
+
+    def folded_parameters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """For each layer with a folded BatchNorm, the float ``(weight, bias)`` of the single conv/linear it becomes:
+        ``w * s`` and ``beta + (b - running_mean) * s`` with ``s = gamma / sqrt(running_var + eps)``."""
+        folded = {}
+        for name, module in self._modules.items():
+            fusion = module._modules.get(FUSION_NAME)
+            if fusion is not None and fusion.bn is not None:
+                with torch.no_grad():
+                    folded[name] = fold_parameters(module.weight, module.bias, fusion.bn)
+        return folded
 
     @property
     def quantized_modules(self) -> dict[str, nn.Module]:

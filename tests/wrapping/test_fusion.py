@@ -1,0 +1,274 @@
+"""BatchNorm folding during QAT: the folding math, the live/frozen forwards, gradients, edge cases, fuse='auto'."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import reference_fake_quant, reference_qparams
+from quantrain import QATQuantizer
+from quantrain.wrapping.fusion import fold_parameters
+
+CONVS = {  # factories, so that no test sees modules another test changed
+    "conv1d": lambda: (nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), (5, 3, 9)),
+    "conv2d-no-bias": lambda: (nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), (5, 3, 7, 7)),
+    "depthwise": lambda: (nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), (5, 4, 7, 7)),
+    "conv3d": lambda: (nn.Conv3d(2, 4, 2), nn.BatchNorm3d(4), (3, 2, 4, 4, 4)),
+    "linear": lambda: (nn.Linear(6, 4), nn.BatchNorm1d(4), (8, 6)),
+}
+
+
+def _randomize_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def _fused_model(conv, bn, targets=("weight",), **kwargs):
+    model = nn.Sequential(conv, _randomize_bn(bn))
+    config = [{"op_names": ["0"], "target_names": list(targets), "fuse_names": [("0", "1")]}]
+    return model, QATQuantizer(model, config, **kwargs)
+
+
+@pytest.mark.parametrize("layers", CONVS.values(), ids=CONVS.keys())
+def test_fold_parameters_equal_conv_then_bn_in_eval(layers):
+    conv, bn, shape = layers()
+    _randomize_bn(bn)
+    conv.eval(), bn.eval()
+    x = torch.randn(shape)
+    weight, bias = fold_parameters(conv.weight, conv.bias, bn)
+    folded = copy.deepcopy(conv)
+    folded.weight, folded.bias = nn.Parameter(weight.detach()), nn.Parameter(bias.detach())
+    assert torch.allclose(folded(x), bn(conv(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", CONVS.values(), ids=CONVS.keys())
+def test_before_quantization_starts_the_fused_layer_is_exactly_conv_then_bn(layers):
+    conv, bn, shape = layers()
+    reference = nn.Sequential(copy.deepcopy(conv), _randomize_bn(copy.deepcopy(bn)))
+    model, _ = _fused_model(conv, bn, quant_start_step=100)
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if k in reference.state_dict()})
+    x = torch.randn(shape)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)  # training mode: batch statistics
+    assert torch.allclose(model[1].running_mean, reference[1].running_mean, atol=1e-6)  # stats keep updating
+    assert model[1].num_batches_tracked.item() == 1
+    model.eval(), reference.eval()
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def _live_reference(conv, bn, x, scheme_symmetric=True):
+    """bn_train(conv(x, fq(w * s)) / s + b), per-tensor int8 symmetric weights (the module docstring's formula)."""
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    w = conv.weight * s.reshape(-1, 1, 1, 1)
+    scale, zp = reference_qparams(w.detach().amin(), w.detach().amax(), -127, 127, scheme_symmetric)
+    y = F.conv2d(x, reference_fake_quant(w, scale, zp, -127, 127)) / s.reshape(1, -1, 1, 1)
+    return F.batch_norm(y, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, True, bn.momentum, bn.eps)
+
+
+def test_live_bn_uses_batch_statistics_with_quantized_folded_weights():
+    model, _ = _fused_model(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    x = torch.randn(6, 3, 8, 8)
+    expected = _live_reference(model[0], model[1], x)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_frozen_bn_computes_exactly_the_deployable_folded_layer():
+    model, quantizer = _fused_model(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), targets=("weight", "bias"), freeze_bn_step=0)
+    x = torch.randn(6, 3, 8, 8)
+    stats = model[1].running_mean.clone()
+    out = model(x)  # training mode, but BN frozen
+    assert torch.equal(model[1].running_mean, stats)  # frozen statistics do not update
+    weight, bias = quantizer.folded_parameters()["0"]
+    w_scale, w_zp = reference_qparams(weight.amin(), weight.amax(), -127, 127, True)
+    b_scale, b_zp = reference_qparams(bias.amin(), bias.amax(), -127, 127, True)
+    expected = F.conv2d(
+        x, reference_fake_quant(weight, w_scale, w_zp, -127, 127), reference_fake_quant(bias, b_scale, b_zp, -127, 127)
+    )
+    assert torch.allclose(out, expected, atol=1e-6)
+    model.eval()
+    assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradients_reach_conv_weight_gamma_and_beta(bias, frozen):
+    model, _ = _fused_model(nn.Conv2d(3, 4, 3, bias=bias), nn.BatchNorm2d(4), freeze_bn_step=0 if frozen else None)
+    (model(torch.randn(4, 3, 6, 6)) * torch.randn(4, 4, 4, 4)).sum().backward()
+    for parameter in (model[0].weight, model[1].weight, model[1].bias) + ((model[0].bias,) if bias else ()):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_gamma_zero_stays_finite_and_gamma_still_learns():
+    model, _ = _fused_model(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].weight[0] = 0.0
+    x = torch.randn(4, 3, 6, 6)
+    out = model(x)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, 0], model[1].bias[0].expand_as(out[:, 0]))  # gamma = 0: the channel is beta
+    (out * torch.randn_like(out)).sum().backward()
+    assert model[1].weight.grad[0] != 0 and torch.isfinite(model[1].weight.grad).all()
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_zero_variance_and_tiny_eps_stay_finite(frozen):
+    model, _ = _fused_model(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-30), freeze_bn_step=0 if frozen else None)
+    with torch.no_grad():
+        model[1].running_var[1] = 0.0
+    out = model(torch.randn(4, 3, 6, 6))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(model[0].weight.grad).all()
+
+
+def test_freeze_bn_step_stops_statistics_after_that_many_optimizer_steps():
+    model, quantizer = _fused_model(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), freeze_bn_step=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    means = []
+    for _ in range(4):
+        model(torch.randn(4, 3, 6, 6) + 1).sum().backward()
+        optimizer.step()
+        means.append(model[1].running_mean.clone())
+    assert not torch.equal(means[0], means[1])  # live for steps 0 and 1
+    assert torch.equal(means[2], means[3])  # frozen from step 2
+    assert [f.is_bn_frozen for f in quantizer.fusions()] == [True]
+
+
+def test_activation_fusion_quantizes_after_the_relu_and_leaves_the_relu_module_alone():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), _randomize_bn(nn.BatchNorm2d(2)), relu)
+    config = [
+        {
+            "op_names": ["0"],
+            "target_names": ["weight", "_output_"],
+            "quant_dtype": "uint8",
+            "quant_scheme": "affine",
+            "fuse_names": [("0", "1", "2")],
+        }
+    ]
+    QATQuantizer(model, config)
+    out = model(torch.randn(3, 1, 6, 6))
+    assert model[2] is relu and type(relu) is nn.ReLU
+    fq = model[0].fake_quant["_output_0"]
+    assert fq.zero_point.item() == 0 and fq.observer.tracked_min.item() == 0  # the range starts at 0: after ReLU
+    assert torch.allclose(torch.round(out / fq.scale) * fq.scale, out, atol=1e-6) and out.min() >= 0
+
+
+def test_state_dict_keys_unwrap_and_copies():
+    model, quantizer = _fused_model(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    float_keys = set(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict())
+    assert float_keys < set(model.state_dict()) and "0.fusion.bn_frozen" in model.state_dict()
+    x = torch.randn(2, 3, 5, 5)
+    model.eval()
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x)) and clone[0].fusion.bn is clone[1]
+    quantizer.unwrap_model()
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.BatchNorm2d
+    assert set(model.state_dict()) == float_keys
+    assert torch.allclose(model(x), model[1](model[0](x)))
+
+
+class NotAChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + 1.0)
+
+
+class Untraceable(NotAChain):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.bn(self.conv(x) + 1.0)
+
+
+def test_non_consecutive_fuse_names_fail_before_anything_changes():
+    model = NotAChain()
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"config_list\[0\]: key 'fuse_names': \('conv', 'bn'\) is not a chain"):
+        QATQuantizer(model, [{"op_names": ["conv"], "target_names": ["weight"], "fuse_names": [("conv", "bn")]}])
+    assert type(model.conv) is nn.Conv2d and type(model.bn) is nn.BatchNorm2d and list(model.state_dict()) == keys
+
+
+def test_untraceable_non_consecutive_fusion_is_caught_at_the_first_forward():
+    model = Untraceable()
+    QATQuantizer(model, [{"op_names": ["conv"], "target_names": ["weight"], "fuse_names": [("conv", "bn")]}])
+    with pytest.raises(ValueError, match="must receive the output of 'conv'"):
+        model(torch.randn(1, 1, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (
+            [
+                {"op_names": ["0"], "target_names": ["weight"], "fuse_names": [("0", "1")]},
+                {"op_names": ["1"], "target_names": ["weight"]},
+            ],
+            "cannot also be quantized",
+        ),
+        ([{"op_names": ["0"], "target_names": ["weight"], "fuse_names": [("0", "1"), ("0", "1")]}], "fused only once"),
+    ],
+)
+def test_conflicting_fusions_are_refused(config, match):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match=match):
+        QATQuantizer(model, config)
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_bn_without_running_statistics_cannot_be_folded():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        QATQuantizer(model, [{"op_names": ["0"], "target_names": ["weight"], "fuse_names": [("0", "1")]}])
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y)) + y  # residual: bn2 is folded, the add is not an activation
+        return self.fc(F.relu(y).mean(dim=(2, 3)))
+
+
+def test_fuse_auto_finds_conv_bn_and_relu_chains():
+    model = Block()
+    config = [
+        {
+            "op_types": ["Conv2d", "Linear"],
+            "target_names": ["weight", "_output_"],
+            "quant_dtype": "uint8",
+            "quant_scheme": "affine",
+        }
+    ]
+    quantizer = QATQuantizer(model, config, fuse="auto")
+    fusions = {f.group: (f.bn is not None, f.activation) for f in quantizer.fusions()}
+    assert fusions == {("conv1", "bn1"): (True, "relu"), ("conv2", "bn2"): (True, None)}
+    out = model(torch.randn(2, 3, 6, 6))
+    assert out.shape == (2, 2) and model.conv1.fake_quant["_output_0"].observer.tracked_min.item() == 0.0
+
+
+def test_fuse_auto_default_is_off_and_untraceable_models_warn_and_fall_back():
+    assert list(QATQuantizer(Block(), [{"op_types": ["Conv2d"]}]).fusions()) == []
+    model = Untraceable()
+    with pytest.warns(UserWarning, match=r"fuse='auto': could not trace Untraceable with torch.fx \(TraceError"):
+        quantizer = QATQuantizer(model, [{"op_names": ["conv"], "target_names": ["weight"]}], fuse="auto")
+    assert list(quantizer.fusions()) == []
+
+
+def test_bad_fuse_argument():
+    with pytest.raises(ValueError, match="fuse must be None"):
+        QATQuantizer(Block(), [{"op_types": ["Conv2d"]}], fuse="yes")
