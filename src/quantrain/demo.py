@@ -19,6 +19,8 @@ from quantrain.qat import QATQuantizer
 
 __all__ = ["DemoResult", "build_model", "demo_config_list", "load_digits", "run_demo"]
 
+BATCH_SIZE = 64
+
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -49,11 +51,14 @@ def load_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def build_model() -> nn.Module:
-    """A small CNN for 1x8x8 images: two convolutions, a pooling layer and two fully connected layers."""
+    """A small CNN for 1x8x8 images: two conv-BN-ReLU blocks, a pooling layer and two fully connected layers."""
+
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
         nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
@@ -106,14 +111,14 @@ def _make_training_func(x: torch.Tensor, y: torch.Tensor, seed: int, progress: C
 
     def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
         generator = torch.Generator().manual_seed(seed)
-        steps_per_epoch = -(-len(y) // 64)
+        steps_per_epoch = -(-len(y) // BATCH_SIZE)
         epochs = max_epochs if max_epochs is not None else -(-max_steps // steps_per_epoch)
         total = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
         model.train()
         step = 0
         with progress(total=total) as bar:
             for _ in range(epochs):
-                for batch in _batches(x, y, 64, generator):
+                for batch in _batches(x, y, BATCH_SIZE, generator):
                     if max_steps is not None and step >= max_steps:
                         return
                     for optimizer in optimizers:
@@ -162,7 +167,11 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int 
         _training_step,
         evaluating_func=lambda m: accuracy(m, x_test, y_test),
     )
-    quantizer = QATQuantizer(model, demo_config_list(bits), evaluator)
+    # fuse="auto" folds each BatchNorm (and the ReLU after it) into its convolution, as an integer engine runs it;
+    # BatchNorm statistics freeze for the last fifth of QAT, so the end of training sees the deployed arithmetic.
+    steps = qat_epochs * -(-len(y_train) // BATCH_SIZE)
+    quantizer = QATQuantizer(model, demo_config_list(bits), evaluator, fuse="auto", freeze_bn_step=steps * 4 // 5)
+
     _, calibration_config = quantizer.compress(max_steps=None, max_epochs=qat_epochs)
     qat_seconds = time.perf_counter() - start
     qat_accuracy = evaluator.evaluate()
