@@ -56,18 +56,23 @@ class Quantizer:
         self._hooks.append(model.register_load_state_dict_post_hook(_AfterLoad(ref)))
 
     @staticmethod
-    def _plan(model: nn.Module, config_list: Any, evaluator: Any, fuse: Any) -> tuple[ModulePlan, ...]:
-        """Validate everything and return the plans; raises before the model is touched."""
+    def _plan(model: nn.Module, config_list: Any, evaluator: Any, fuse: Any, *, handover: bool = False) -> tuple[ModulePlan, ...]:
+        """Validate everything and return the plans; raises before the model is touched.
+
+        ``handover``: the model is still quantized by the quantizer being replaced (see ``from_compressor``).
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise TypeError(f"evaluator must be a quantrain Evaluator such as TorchEvaluator, got {type(evaluator).__name__}")
         if fuse not in FUSE_MODES:
             raise ValueError(f"fuse must be None (fold only what fuse_names names) or 'auto', got {fuse!r}")
-        check_wrappable(model)
+        if not handover:
+            check_wrappable(model)
         entries = parse_config_list(config_list)
         plans = plan_fusions(model, entries, resolve(model, entries), auto=fuse == "auto")
-        check_wrappable(model, plans)
+        if not handover:
+            check_wrappable(model, plans)
         return plans
 
     def _tracking(self, kind: TargetKind) -> RangeTracking:

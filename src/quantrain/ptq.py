@@ -38,9 +38,11 @@ class PtqQuantizer(Quantizer):
     """Post-training quantization: calibrate ranges on data, then quantize, without changing any weight.
 
     Calibrate with :meth:`track_forward` (one batch per call), or through the evaluator in :meth:`compress`,
-    which runs the evaluator's training loop (only to feed data: parameters, buffers and optimizer states are
-    restored afterwards) and its ``evaluating_func``. :meth:`compress` then computes scales and zero points and
-    switches fake quantization on. ``QATQuantizer.from_compressor(ptq, config_list)`` continues from the result.
+    which runs the evaluator's training loop and its ``evaluating_func`` only to feed data: parameters, buffers
+    (BatchNorm statistics included) and optimizer states are restored afterwards. :meth:`compress` then computes
+    scales and zero points and switches fake quantization on. ``QATQuantizer.from_compressor(ptq, config_list)``
+    continues from the result.
+
 
     Args:
         model: the float model; quantized in place.
@@ -73,13 +75,13 @@ class PtqQuantizer(Quantizer):
                 "calibrate with track_forward() and call compress() without arguments"
             )
         evaluator = self.evaluator
-        with self._calibrating():
-            if evaluator is not None and (max_steps is not None or max_epochs is not None):
-                with _nothing_trained(self.bound_model, evaluator):
+        if evaluator is not None:
+            with self._calibrating(), _nothing_trained(self.bound_model, evaluator):
+                if max_steps is not None or max_epochs is not None:
                     evaluator.train(max_steps, max_epochs)
-            if evaluator is not None and getattr(evaluator, "evaluating_func", None) is not None:
-                with torch.no_grad():
-                    evaluator.evaluate()
+                if getattr(evaluator, "evaluating_func", None) is not None:
+                    with torch.no_grad():
+                        evaluator.evaluate()
         uncalibrated = [fq.label for fq in self.fake_quantizers() if not fq.observer.is_seeded]
         if uncalibrated:
             raise ValueError(
@@ -107,7 +109,7 @@ class PtqQuantizer(Quantizer):
 
 @contextlib.contextmanager
 def _nothing_trained(model: nn.Module, evaluator: Evaluator) -> Iterator[None]:
-    """Let a training loop run as a data feeder: afterwards the model's parameters and buffers (BatchNorm
+    """Let a training loop or evaluation run as a data feeder: afterwards the model's parameters and buffers (BatchNorm
     statistics included) and the optimizers' states are exactly as before; quantrain's range state is kept."""
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_quantrain_key(k)}
     optimizers = list(getattr(evaluator, "optimizers", ()))

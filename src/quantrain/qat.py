@@ -20,8 +20,7 @@ from torch import nn
 
 from quantrain.base import Quantizer, check_budget
 from quantrain.calibration import CalibrationConfig
-from quantrain.config.parse import parse_config_list
-from quantrain.config.resolve import TargetKind, resolve
+from quantrain.config.resolve import TargetKind
 from quantrain.evaluator import Evaluator
 from quantrain.observer import RangeTracking
 from quantrain.schedule import Phase, Schedule
@@ -70,9 +69,24 @@ class QATQuantizer(Quantizer):
         weight_range: str = "ema",
         fuse: str | None = None,
     ) -> None:
+        self.schedule, self.weight_range = self._options(
+            quant_start_step, activation_start_step, freeze_bn_step, freeze_range_step, weight_range
+        )
+        super().__init__(model, config_list, evaluator, fuse=fuse)
+        self._phase: Phase | None = None
+        self._apply_schedule()
+
+    @staticmethod
+    def _options(
+        quant_start_step: Any = 0,
+        activation_start_step: Any = None,
+        freeze_bn_step: Any = None,
+        freeze_range_step: Any = None,
+        weight_range: Any = "ema",
+    ) -> tuple[Schedule, str]:
         if isinstance(quant_start_step, int) and not isinstance(quant_start_step, bool):
             quant_start_step = max(quant_start_step, 0)  # the reference clamps negative starts
-        self.schedule = Schedule(
+        schedule = Schedule(
             quant_start_step=quant_start_step,
             activation_start_step=activation_start_step,
             freeze_bn_step=freeze_bn_step,
@@ -80,10 +94,7 @@ class QATQuantizer(Quantizer):
         )
         if weight_range not in WEIGHT_RANGES:
             raise ValueError(f"weight_range must be 'ema' or 'minmax', got {weight_range!r}")
-        self.weight_range = weight_range
-        super().__init__(model, config_list, evaluator, fuse=fuse)
-        self._phase: Phase | None = None
-        self._apply_schedule()
+        return schedule, weight_range
 
     @property
     def quant_start_step(self) -> int:
@@ -107,14 +118,27 @@ class QATQuantizer(Quantizer):
             raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
         compressor._check_wrapped()
         model = compressor.bound_model
-        resolve(model, parse_config_list(new_config_list))  # a bad config fails here, before anything changes
+        evaluator = evaluator or compressor.evaluator
+        options = {
+            k: kwargs.pop(k)
+            for k in ("activation_start_step", "freeze_bn_step", "freeze_range_step", "weight_range")
+            if k in kwargs
+        }
+        fuse = kwargs.pop("fuse", None)
+        if kwargs:
+            raise TypeError(f"from_compressor() got unexpected arguments {sorted(kwargs)}")
+        # Everything is validated while the earlier quantizer still holds the model, so a bad argument changes nothing.
+        cls._options(quant_start_step, **options)
+        cls._plan(model, new_config_list, evaluator, fuse, handover=True)
+        if evaluator is not None and evaluator is not compressor.evaluator:
+            evaluator.bind_model(model)
         carried = {
             (name, target): (fq.settings, fq.state_dict())
             for name, module in compressor._modules.items()
             for target, fq in module.fake_quant.items()
         }
         compressor.unwrap_model()
-        quantizer = cls(model, new_config_list, evaluator or compressor.evaluator, quant_start_step, **kwargs)
+        quantizer = cls(model, new_config_list, evaluator, quant_start_step, fuse=fuse, **options)
         for name, module in quantizer._modules.items():
             for target, fq in module.fake_quant.items():
                 settings, state = carried.get((name, target), (None, None))

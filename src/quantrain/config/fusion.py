@@ -27,10 +27,18 @@ ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with modules already quantized in place kept as leaves (they are still one module)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return hasattr(type(module), "_float_class") or super().is_leaf_module(module, qualified_name)
+
+
 def trace(model: nn.Module) -> tuple[fx.Graph | None, str]:
     """The model's fx graph, or ``None`` and the reason it could not be traced."""
     try:
-        return fx.symbolic_trace(model).graph, ""
+        return _Tracer().trace(model), ""
+
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
