@@ -166,29 +166,24 @@ def train(
 
 
 def quantrain_config(weight_bits: int, activation_bits: int) -> list[dict]:
+    """Each activation quantized once, where an integer engine would: the model's input, and every conv/linear
+    output (after the ReLU that ``fuse='auto'`` fuses into it); weights per output channel."""
+    activations = {"quant_dtype": f"uint{activation_bits}", "quant_scheme": "affine"}
+    weights = {"quant_dtype": f"int{weight_bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
     return [
+        {"op_names": ["0"], "target_names": ["_input_"], **activations},
         {
             "op_types": ["Conv2d", "Linear"],
-            "target_names": ["_input_", "weight", "_output_"],
-            "quant_dtype": f"uint{activation_bits}",
-            "quant_scheme": "affine",
-            "target_settings": {
-                "weight": {"quant_dtype": f"int{weight_bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
-            },
-        }
+            "target_names": ["weight", "_output_"],
+            **activations,
+            "target_settings": {"weight": weights},
+        },
     ]
 
 
 def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], seed: int, lr: float) -> nn.Module:
     steps = len(data.y_train) // data.batch_size
-    QATQuantizer(
-        model,
-        quantrain_config(*bits),
-        fuse="auto",
-        weight_range="minmax",
-        freeze_bn_step=steps * 4 // 5,
-        freeze_range_step=steps * 4 // 5,
-    )
+    QATQuantizer(model, quantrain_config(*bits), fuse="auto", freeze_bn_step=steps * 4 // 5, freeze_range_step=steps * 4 // 5)
     train(model, data, 1, lr, seed)
     return model
 
