@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 EPS = torch.finfo(torch.float32).eps
+QMIN, QMAX = -127, 127
+IN_W_OUT = [
+    {"op_types": ["Linear"], "target_names": ["_input_", "weight", "_output_"], "quant_dtype": "int8", "quant_scheme": "affine"}
+]
+"""int8 affine input, weight and output of every Linear."""
 
 
 class TwoLayer(nn.Module):

@@ -7,19 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import reference_fake_quant, reference_qparams
+from helpers import IN_W_OUT, QMAX, QMIN, reference_fake_quant, reference_qparams
 from quantrain import PtqQuantizer, QATQuantizer, TorchEvaluator
 from quantrain.wrapping import is_quantized
 
-IN_W_OUT = [
-    {
-        "op_types": ["Linear"],
-        "target_names": ["_input_", "weight", "_output_"],
-        "quant_dtype": "int8",
-        "quant_scheme": "affine",
-    }
-]
-QMIN, QMAX = -127, 127
 WEIGHT = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
 BIAS = torch.tensor([0.25, -0.5])
 # Hand-made batches. With WEIGHT and zero bias the Linear's output rows are [x0 - 2 x1, 0.5 x0 + 3 x1]:
@@ -395,13 +386,17 @@ def test_from_compressor_with_a_bad_config_leaves_the_ptq_quantizer_alone(bad_co
     _assert_ptq_intact(model, ptq, fqs, calibration)
 
 
-def test_from_compressor_with_a_bad_fusion_leaves_the_ptq_quantizer_alone():
+def _compressed_linear_bn():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ptq = PtqQuantizer(model, IN_W_OUT)
     for x in BATCHES:
         ptq.track_forward(x)
     _, calibration = ptq.compress()
-    fqs = dict(model[0].fake_quant.items())
+    return model, ptq, dict(model[0].fake_quant.items()), calibration
+
+
+def test_from_compressor_with_a_bad_fusion_leaves_the_ptq_quantizer_alone():
+    model, ptq, fqs, calibration = _compressed_linear_bn()
     bad_config = [  # '1' is folded into '0' and also quantized on its own
         {"op_names": ["0"], "target_names": ["weight"], "fuse_names": [("0", "1")]},
         {"op_names": ["1"], "target_names": ["weight"]},
@@ -416,12 +411,7 @@ def test_from_compressor_with_a_bad_fusion_leaves_the_ptq_quantizer_alone():
     [({"weight_range": "median"}, ValueError), ({"freeze_range_step": -1}, ValueError), ({"colour": "red"}, TypeError)],
 )
 def test_from_compressor_with_bad_options_leaves_the_ptq_quantizer_alone(kwargs, error):
-    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    ptq = PtqQuantizer(model, IN_W_OUT)
-    for x in BATCHES:
-        ptq.track_forward(x)
-    _, calibration = ptq.compress()
-    fqs = dict(model[0].fake_quant.items())
+    model, ptq, fqs, calibration = _compressed_linear_bn()
     with pytest.raises(error):
         QATQuantizer.from_compressor(ptq, IN_W_OUT, **kwargs)
     _assert_ptq_intact(model, ptq, fqs, calibration)

@@ -7,19 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import ReferenceTarget, TwoLayer, reference_fake_quant, reference_qparams
+from helpers import IN_W_OUT, QMAX, QMIN, ReferenceTarget, TwoLayer, reference_fake_quant, reference_qparams
 from quantrain import QATQuantizer, Schedule
 from quantrain.schedule import Phase
-
-IN_W_OUT = [
-    {
-        "op_types": ["Linear"],
-        "target_names": ["_input_", "weight", "_output_"],
-        "quant_dtype": "int8",
-        "quant_scheme": "affine",
-    }
-]
-QMIN, QMAX = -127, 127
 
 
 def _batch(generator, n_in=4, n_out=3, scale=1.0):
