@@ -4,6 +4,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -20,6 +22,9 @@ def test_readme_opens_with_two_pinned_commands_and_ci_runs_the_test_one():
     assert picked.stdout.strip() == commands[1]
 
 
-def test_quickstart_runs_and_prints_per_channel_scales(capsys):
-    exec(compile(_blocks("python")[0], "README.md quickstart", "exec"), {})
-    assert "torch.Size([32, 1])" in capsys.readouterr().out
+@pytest.mark.parametrize("index, printed", [(0, "torch.Size([32, 1])"), (1, "[('0', '1', '2')]")])
+def test_python_blocks_run_and_print_what_they_say(index, printed, capsys):
+    blocks = _blocks("python")
+    assert len(blocks) == 2
+    exec(compile(blocks[index], f"README.md python block {index}", "exec"), {})
+    assert printed in capsys.readouterr().out
