@@ -1,7 +1,9 @@
 """QATQuantizer: wrapping semantics, schedule, state, calibration config."""
 
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -347,3 +349,35 @@ def test_batchnorm_default_targets_quantize_its_affine_parameters():
     assert torch.allclose(out, expected, atol=1e-5)
     assert torch.equal(quantizer.get_calibration_config()["0"]["weight"]["scale"], torch.tensor(2.0))
     assert bn.num_batches_tracked.item() == 1  # the module's own forward ran (running statistics updated)
+
+
+def test_the_schedule_runs_even_when_the_quantizer_object_is_dropped():
+    model = nn.Sequential(nn.Linear(4, 3))
+    QATQuantizer(model, LINEAR_ALL, quant_start_step=2)  # no reference kept
+    gc.collect()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(8, 4)
+    float_out = F.linear(x, model[0].weight, model[0].bias)
+    for _ in range(2):
+        assert torch.equal(model(x), float_out)
+        optimizer.step()
+    assert int(model.quantrain_step) == 2
+    assert not torch.equal(model(x), float_out)  # quantization started at step 2
+
+
+def test_a_dropped_model_and_quantizer_are_collected():
+    model = nn.Sequential(nn.Linear(4, 3))
+    QATQuantizer(model, LINEAR_ALL)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_model_whose_config_selected_nothing_cannot_be_quantized_twice_either():
+    model = nn.Sequential(nn.ReLU())
+    with pytest.warns(UserWarning, match="selects no module"):
+        QATQuantizer(model, [{"op_types": ["Linear"]}])
+    with pytest.raises(ValueError, match="already quantized"):
+        QATQuantizer(model, [{"op_types": ["ReLU"]}])
+    assert type(model[0]) is nn.ReLU

@@ -25,6 +25,7 @@ from quantrain.wrapping.quantized_module import FUSION_NAME
 __all__ = ["FUSE_MODES", "STEP_BUFFER", "Quantizer"]
 
 STEP_BUFFER = "quantrain_step"
+LINK_ATTRIBUTE = "_quantrain_quantizer"
 FUSE_MODES = (None, "auto")
 
 
@@ -54,6 +55,8 @@ class Quantizer:
         self._hooks = [register_optimizer_step_post_hook(functools.partial(_on_optimizer_step, ref))]
         weakref.finalize(self, _remove_hooks, list(self._hooks))
         self._hooks.append(model.register_load_state_dict_post_hook(_AfterLoad(ref)))
+        # The model keeps its quantizer alive, so steps are counted even if the caller drops the quantizer object.
+        model.__dict__[LINK_ATTRIBUTE] = _QuantizerLink(self)
 
     @staticmethod
     def _plan(model: nn.Module, config_list: Any, evaluator: Any, fuse: Any, *, handover: bool = False) -> tuple[ModulePlan, ...]:
@@ -68,7 +71,13 @@ class Quantizer:
         if fuse not in FUSE_MODES:
             raise ValueError(f"fuse must be None (fold only what fuse_names names) or 'auto', got {fuse!r}")
         if not handover:
+            if hasattr(model, STEP_BUFFER):
+                raise ValueError(
+                    f"{type(model).__name__} is already quantized by quantrain (it has {STEP_BUFFER!r}); "
+                    "call unwrap_model() on its quantizer first"
+                )
             check_wrappable(model)
+
         entries = parse_config_list(config_list)
         plans = plan_fusions(model, entries, resolve(model, entries), auto=fuse == "auto")
         if not handover:
@@ -169,6 +178,7 @@ class Quantizer:
         self._check_wrapped()
         unwrap(self._modules)
         del self.bound_model._buffers[STEP_BUFFER]
+        self.bound_model.__dict__.pop(LINK_ATTRIBUTE, None)
         _remove_hooks(self._hooks)
         self._modules = {}
         self._unwrapped = True
@@ -227,6 +237,19 @@ def _on_optimizer_step(ref: weakref.ref, optimizer: torch.optim.Optimizer, args:
     quantizer = ref()
     if quantizer is not None:
         quantizer._on_step(optimizer)
+
+
+class _QuantizerLink:
+    """The model's reference to its quantizer; copies and pickles of the model get none (they have no quantizer)."""
+
+    def __init__(self, quantizer: Quantizer | None) -> None:
+        self.quantizer = quantizer
+
+    def __reduce__(self):
+        return _QuantizerLink, (None,)
+
+    def __deepcopy__(self, memo: dict) -> _QuantizerLink:
+        return _QuantizerLink(None)
 
 
 class _AfterLoad:
