@@ -39,6 +39,8 @@ __all__ = [
     "RangeObserver",
     "TargetSettings",
     "TorchEvaluator",
+    "check_parity",
+    "export_onnx",
     "__version__",
     "load_calibration_config",
     "parse_config_list",
@@ -46,3 +48,12 @@ __all__ = [
     "register_float_forward",
     "save_calibration_config",
 ]
+
+
+def __getattr__(name: str):
+    # The deploy layer needs onnx and onnxruntime (the "onnx" extra); import it only when asked for.
+    if name in ("export_onnx", "check_parity"):
+        from quantrain import deploy
+
+        return getattr(deploy, name)
+    raise AttributeError(f"module 'quantrain' has no attribute {name!r}")

@@ -1,0 +1,160 @@
+"""Export a quantized model to ONNX in QDQ form, ready for ONNX Runtime's integer kernels.
+
+Each fake quantizer becomes what ONNX can express: activations a QuantizeLinear/DequantizeLinear pair, weights an
+int8 (or uint8) initializer with DequantizeLinear (per tensor, or per channel with ``axis``). Folded BatchNorms are
+exported folded (one Conv/Gemm with the folded weight and bias). After export, quantization is propagated through
+operators that keep values on the grid (MaxPool, Flatten, Reshape, ...) so that the next Conv/Gemm sees a
+DequantizeLinear input and ORT can fuse it into an integer kernel.
+
+>>> import torch, tempfile, os
+>>> from torch import nn
+>>> from quantrain import QATQuantizer
+>>> model = nn.Sequential(nn.Linear(4, 3))
+>>> _ = QATQuantizer(model, [{"op_types": ["Linear"], "target_names": ["_input_", "weight", "_output_"],
+...                           "quant_dtype": "uint8", "quant_scheme": "affine",
+...                           "target_settings": {"weight": {"quant_dtype": "int8", "quant_scheme": "symmetric"}}}])
+>>> _ = model(torch.randn(16, 4))
+>>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+>>> report = export_onnx(model, torch.randn(2, 4), path)
+>>> report.notes
+[]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from quantrain.deploy.qdq import ExportActivation, ExportWeight
+from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.wrapping.quantized_module import is_quantized
+
+__all__ = ["ExportReport", "export_onnx"]
+
+PROPAGATE_THROUGH = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu"})
+"""Operators whose outputs stay on their input's quantization grid (ReLU too: real zero is always on the grid)."""
+
+
+@dataclass
+class ExportReport:
+    """What was written, and each way the ONNX model differs from the trained fake-quant model."""
+
+    path: str
+    quantized_layers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> ExportReport:
+    """Write ``model`` (quantized by quantrain, calibrated) to ``path`` as a QDQ ONNX model; returns a report.
+
+    ``example_inputs``: a tensor or a tuple of tensors, used to trace the model. The batch dimension is dynamic
+    unless ``dynamic_batch=False``. Raises ``ValueError`` naming the target when something has no scale.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+    quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    if not quantized:
+        raise ValueError(
+            f"{type(model).__name__} has no quantrain quantizers: quantize it with QATQuantizer or "
+            "PtqQuantizer, then train or calibrate it, before exporting"
+        )
+    report = ExportReport(str(path), quantized_layers=list(quantized))
+    export_model = copy.deepcopy(model).eval()
+    for module in (m for m in export_model.modules() if is_quantized(m)):
+        for target, fq in list(module.fake_quant.items()):
+            module.fake_quant[target] = _export_module(fq, report)
+    with torch.no_grad():
+        export_model(*inputs)  # records each weight's integers
+    names = input_names or [f"input_{i}" for i in range(len(inputs))]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = export_model(*inputs)
+        count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        out_names = output_names or [f"output_{i}" for i in range(count)]
+        axes = {name: {0: "batch"} for name in [*names, *out_names]} if dynamic_batch else None
+        torch.onnx.export(
+            export_model,
+            inputs,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    graph_model = onnx.load(str(path))
+    propagate_quantization(graph_model.graph)
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(path))
+    return report
+
+
+def _export_module(fq: FakeQuantizer, report: ExportReport) -> nn.Module:
+    dtype = fq.settings.dtype
+    if fq.activation:
+        if dtype.bits < 8:
+            report.notes.append(
+                f"{fq.label}: {dtype.name} is exported in {'int8' if dtype.signed else 'uint8'}; values "
+                f"beyond the trained range saturate at the container's limits, not at [{dtype.qmin}, {dtype.qmax}]"
+            )
+        elif dtype.signed:
+            report.notes.append(
+                f"{fq.label}: int8 [-127, 127] is exported as ONNX int8 [-128, 127]; values below the "
+                "trained range can reach -128"
+            )
+        return ExportActivation(fq)
+    if not dtype.signed:
+        report.notes.append(f"{fq.label}: unsigned weights are not fused into integer kernels by ONNX Runtime")
+    elif fq.settings.scheme.value == "affine" and fq.scale.numel() > 1:
+        report.notes.append(
+            f"{fq.label}: per-channel weights with non-zero zero points are not fused into integer kernels "
+            "by ONNX Runtime; use quant_scheme 'symmetric' for weights"
+        )
+    return ExportWeight(fq)
+
+
+def propagate_quantization(graph: onnx.GraphProto) -> int:
+    """After each grid-preserving operator fed by a per-tensor DequantizeLinear, insert the same Q/DQ pair; returns
+    how many pairs were inserted. Exact: those operators only move or select values already on the grid."""
+    producers = {output: node for node in graph.node for output in node.output}
+    inserted, nodes = 0, []
+    for node in graph.node:
+        nodes.append(node)
+        source = producers.get(node.input[0]) if node.input else None
+        if node.op_type not in PROPAGATE_THROUGH or source is None or source.op_type != "DequantizeLinear":
+            continue
+        if any(attr.name == "axis" for attr in source.attribute):
+            continue  # per-channel: the layout may change
+        scale, zero_point = source.input[1], source.input[2]
+        original = node.output[0]
+        quantized = f"{original}_quantized"
+
+        node.output[0] = f"{original}_float"
+        nodes.append(helper.make_node("QuantizeLinear", [node.output[0], scale, zero_point], [quantized], name=f"{node.name}_q"))
+        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [original], name=f"{node.name}_dq"))
+        producers[original] = nodes[-1]
+        inserted += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return inserted

@@ -1,0 +1,111 @@
+"""Parity: does the ONNX Runtime model compute what the trained fake-quant model computes?
+
+For each output: top-1 agreement (for 2-D outputs, e.g. logits), the largest absolute difference, also in units of
+that output's quantization step where the output is quantized, and the SQNR
+``10 * log10(sum(reference^2) / sum((reference - onnx)^2))`` in dB (infinite when they are equal).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantrain.fake_quantizer import FakeQuantizer
+
+__all__ = ["OutputParity", "ParityReport", "check_parity"]
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    name: str
+    top1_agreement: float | None
+    max_abs_diff: float
+    max_diff_in_steps: float | None
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    outputs: tuple[OutputParity, ...]
+
+    def __str__(self) -> str:
+        lines = ["output | top-1 agreement | max |diff| | in quantization steps | SQNR dB"]
+        for o in self.outputs:
+            top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
+            steps = "-" if o.max_diff_in_steps is None else f"{o.max_diff_in_steps:.2f}"
+            lines.append(f"{o.name} | {top1} | {o.max_abs_diff:.3g} | {steps} | {o.sqnr_db:.1f}")
+        return "\n".join(lines)
+
+
+def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: Any) -> ParityReport:
+    """Run ``model`` (in eval mode) and the ONNX model at ``onnx_path`` in ONNX Runtime on ``inputs``; compare."""
+    session = _session(onnx_path)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs, strict=False)}
+    if len(feeds) != len(inputs) or len(inputs) != len(session.get_inputs()):
+        raise ValueError(f"{onnx_path}: the model takes {len(session.get_inputs())} inputs, {len(inputs)} were given")
+    reference, steps = _reference(model, inputs)
+    produced = session.run(None, feeds)
+    if len(produced) != len(reference):
+        raise ValueError(f"{onnx_path}: the ONNX model has {len(produced)} outputs, the PyTorch model {len(reference)}")
+    return ParityReport(
+        tuple(
+            _compare(arg.name, ref, out, step)
+            for arg, ref, out, step in zip(session.get_outputs(), reference, produced, steps, strict=True)
+        )
+    )
+
+
+def _session(onnx_path: str | os.PathLike):
+    import onnx
+    import onnxruntime as ort
+
+    if not os.path.isfile(onnx_path):
+        raise ValueError(f"{onnx_path}: no such file")
+    try:
+        onnx.checker.check_model(onnx.load(str(onnx_path)))
+        return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # a damaged file surfaces as many exception types from onnx and onnxruntime
+        raise ValueError(f"{onnx_path}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def _reference(model: nn.Module, inputs: tuple) -> tuple[list[np.ndarray], list[float | None]]:
+    """The model's outputs and, for each, the quantization step of the fake quantizer that produced it (if any)."""
+    produced: dict[int, float] = {}
+
+    def remember(fq: FakeQuantizer, args: tuple, output: torch.Tensor) -> None:
+        if fq.is_calibrated and fq.scale.numel() == 1:
+            produced[id(output)] = float(fq.scale)
+
+    handles = [m.register_forward_hook(remember) for m in model.modules() if isinstance(m, FakeQuantizer)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            outputs = model(*inputs)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    return [o.detach().cpu().numpy() for o in outputs], [produced.get(id(o)) for o in outputs]
+
+
+def _compare(name: str, reference: np.ndarray, produced: np.ndarray, step: float | None) -> OutputParity:
+    if reference.shape != produced.shape:
+        raise ValueError(f"output {name}: shape {produced.shape} from ONNX Runtime, {reference.shape} from PyTorch")
+    diff = np.abs(reference.astype(np.float64) - produced.astype(np.float64))
+    noise = float(np.sum(diff**2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    top1 = None
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        top1 = float(np.mean(reference.argmax(axis=1) == produced.argmax(axis=1)))
+    max_diff = float(diff.max()) if diff.size else 0.0
+    return OutputParity(name, top1, max_diff, None if step is None else max_diff / step, sqnr)
