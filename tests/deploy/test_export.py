@@ -1,0 +1,191 @@
+"""ONNX QDQ export: the file, ONNX Runtime's integer kernels, parity with the fake-quant model, and bad input."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from quantrain import QATQuantizer, check_parity, export_onnx
+from quantrain.demo import build_model, load_digits
+from quantrain.deploy.export import propagate_quantization
+
+
+def _config(weight_bits=8, activation_dtype="uint8", activation_scheme="affine"):
+    activations = {"quant_dtype": activation_dtype, "quant_scheme": activation_scheme}
+    weights = {"quant_dtype": f"int{weight_bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
+    return [
+        {"op_names": ["0"], "target_names": ["_input_"], **activations},
+        {
+            "op_types": ["Conv2d", "Linear"],
+            "target_names": ["weight", "_output_"],
+            **activations,
+            "target_settings": {"weight": weights},
+        },
+    ]
+
+
+def _train(model, x, y, steps=60):
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        index = torch.arange(step * 64, step * 64 + 64) % len(y)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """The demo's conv-BN-ReLU CNN, float-trained then QAT-trained with BN folded (int8 weights, uint8 activations)."""
+    torch.manual_seed(0)
+    x_train, y_train, _, _ = digits
+    model = _train(build_model(), x_train, y_train)
+    quantizer = QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40)
+    _train(model, x_train, y_train)
+    return model, quantizer
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory, digits):
+    model, _ = trained
+    path = tmp_path_factory.mktemp("onnx") / "digits.onnx"
+    report = export_onnx(model, digits[2][:2], path)
+    return path, report
+
+
+def _optimized_node_types(path, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_the_file_is_a_valid_qdq_model_with_int8_weights(exported):
+    path, report = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert report.notes == [] and report.quantized_layers == ["0", "3", "8", "10"]
+    types = [node.op_type for node in model.graph.node]
+    assert types.count("Conv") == 2 and types.count("Gemm") == 2 and "BatchNormalization" not in types
+    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert len(weight_dqs) == 4  # one per conv/linear weight, per channel
+    constants = {
+        out: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant" for out in n.output
+    }
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = [{**constants, **initializers}[n.input[0]] for n in weight_dqs]
+    assert all(w.dtype == np.int8 and w.min() >= -127 for w in weights)
+
+
+def test_onnx_runtime_runs_it_with_integer_kernels(exported, tmp_path):
+    path, _ = exported
+    types = _optimized_node_types(path, tmp_path)
+    assert "QLinearConv" in types and ("QGemm" in types or "QLinearMatMul" in types)
+    assert "Conv" not in types and "Gemm" not in types and "MatMul" not in types
+
+
+def test_parity_on_the_digits_test_set(trained, exported, digits):
+    model, _ = trained
+    path, _ = exported
+    x_test, y_test = digits[2], digits[3]
+    report = check_parity(model, path, x_test)
+    (output,) = report.outputs
+    assert output.top1_agreement >= 0.998
+    assert output.max_diff_in_steps is not None and output.max_diff_in_steps <= 1.0 + 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_accuracy = (session.run(None, {"input_0": x_test.numpy()})[0].argmax(1) == y_test.numpy()).mean()
+    with torch.no_grad():
+        torch_accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert abs(onnx_accuracy - torch_accuracy) * 100 <= 0.3  # at most one of 360 images
+    assert "top-1 agreement" in str(report)
+
+
+def test_the_batch_dimension_is_dynamic(exported, digits):
+    path, _ = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        assert session.run(None, {"input_0": digits[2][:batch].numpy()})[0].shape == (batch, 10)
+
+
+def test_sub_8_bit_weights_are_int8_containers_and_activation_differences_are_reported(digits, tmp_path):
+    torch.manual_seed(0)
+    model = build_model()
+    QATQuantizer(model, _config(weight_bits=4, activation_dtype="int4"), fuse="auto")
+    _train(model, digits[0], digits[1], steps=5)
+    report = export_onnx(model, digits[2][:2], tmp_path / "w4.onnx")
+    assert any("int4 is exported in int8" in note for note in report.notes)
+    graph = onnx.load(str(tmp_path / "w4.onnx")).graph
+    constants = [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
+    int8_weights = [c for c in constants if c.dtype == np.int8 and c.ndim > 1]
+    assert int8_weights and all(c.min() >= -7 and c.max() <= 7 for c in int8_weights)
+
+
+def test_uncalibrated_models_and_unquantized_models_are_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="no quantrain quantizers"):
+        export_onnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
+    QATQuantizer(model, [{"op_types": ["Linear"], "target_names": ["weight"]}], quant_start_step=5)
+    with pytest.raises(ValueError, match=r"0\.weight has no scale yet"):
+        export_onnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_block_granularity_cannot_be_exported(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 2))
+    QATQuantizer(model, [{"op_types": ["Linear"], "target_names": ["weight"], "granularity": [1, 2]}])
+    model(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"0\.weight: granularity \[1, 2\] cannot be exported"):
+        export_onnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model", None])
+def test_check_parity_refuses_damaged_files(tmp_path, content):
+    model = nn.Sequential(nn.Linear(4, 2))
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"bad\.onnx"):
+        check_parity(model, path, torch.randn(1, 4))
+
+
+def test_propagation_inserts_the_same_qdq_after_grid_preserving_ops():
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["x"]),
+        helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Relu", ["f"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.5]), helper.make_tensor("z", TensorProto.UINT8, [], [3])],
+    )
+    assert propagate_quantization(graph) == 3
+    assert [n.op_type for n in graph.node] == [
+        "DequantizeLinear",
+        "MaxPool",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Flatten",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Relu",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    ]
+    assert all(list(n.input[1:]) == ["s", "z"] for n in graph.node if n.op_type.endswith("quantizeLinear"))
+    assert graph.node[-1].output[0] == "y"
