@@ -23,6 +23,10 @@ def test_demo_trains_float_and_int8_to_high_accuracy():
     table = format_table(result)
     assert "int8 QAT (fake-quant)" in table and f"{result.qat_accuracy:.2f}%" in table
     assert "float32 + 1 epochs (control)" in table and f"{result.control_accuracy:.2f}%" in table
+    deployed = result.deployment
+    assert abs(deployed.int8_accuracy - result.qat_accuracy) <= 0.3 and deployed.top1_agreement >= 99.7
+    assert deployed.int8_bytes < 0.35 * deployed.float_bytes and deployed.int8_latency_ms > 0
+    assert f"int8 in ONNX Runtime         | {deployed.int8_accuracy:.2f}%" in table
 
 
 def test_digits_split_is_deterministic_and_disjoint():
@@ -33,9 +37,11 @@ def test_digits_split_is_deterministic_and_disjoint():
     assert (again[1] == y_train).all()
 
 
-def test_demo_config_is_int_weights_and_uint_activations():
-    entry = demo_config_list(4)[0]
-    assert entry["quant_dtype"] == "uint4" and entry["target_settings"]["weight"]["quant_dtype"] == "int4"
+def test_demo_config_is_int_weights_and_uint_activations_each_quantized_once():
+    first, layers = demo_config_list(4)
+    assert first == {"op_names": ["0"], "target_names": ["_input_"], "quant_dtype": "uint4", "quant_scheme": "affine"}
+    assert layers["target_names"] == ["weight", "_output_"] and layers["quant_dtype"] == "uint4"
+    assert layers["target_settings"]["weight"]["quant_dtype"] == "int4"
 
 
 def test_cli_demo_writes_json(tmp_path, capsys):
@@ -44,7 +50,9 @@ def test_cli_demo_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
     assert f"{summary['qat_accuracy']:.2f}%" in printed
+    assert summary["onnx_runtime"]["int8_bytes"] > 0
     calibration = load_calibration_config(tmp_path / "result.calibration.json")
+
     assert calibration["0"]["weight"]["scale"].shape == (16, 1, 1, 1)
 
 

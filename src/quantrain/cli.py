@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default 2)")
     demo.add_argument("--json", metavar="PATH", help="also write the results and calibration config as JSON")
+    demo.add_argument("--out", metavar="DIR", help="where to write the ONNX models (default: a temporary folder)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -49,7 +51,10 @@ def _demo(args: argparse.Namespace) -> int:
     from quantrain.demo import format_table, run_demo
 
     torch.set_num_threads(args.threads)
-    result = run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, bits=args.bits, seed=args.seed, progress=not args.quiet)
+    result = run_demo(
+        epochs=args.epochs, qat_epochs=args.qat_epochs, bits=args.bits, seed=args.seed, progress=not args.quiet, out_dir=args.out
+    )
+
     print(format_table(result))
     if args.json:
         summary = {
@@ -60,6 +65,8 @@ def _demo(args: argparse.Namespace) -> int:
             "float_seconds": result.float_seconds,
             "qat_seconds": result.qat_seconds,
         }
+        if result.deployment is not None:
+            summary["onnx_runtime"] = dataclasses.asdict(result.deployment)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         save_calibration_config(result.calibration_config, args.json.removesuffix(".json") + ".calibration.json")

@@ -6,6 +6,8 @@ Everything ships with the packages (no download). Run it with ``quantrain demo``
 from __future__ import annotations
 
 import copy
+import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +25,19 @@ BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """The int8 model in ONNX Runtime next to the float control exported the same way."""
+
+    int8_accuracy: float
+    top1_agreement: float
+    int8_latency_ms: float
+    float_latency_ms: float
+    int8_bytes: int
+    float_bytes: int
+    int8_path: str
+
+
+@dataclass(frozen=True)
 class DemoResult:
     float_accuracy: float
     control_accuracy: float
@@ -34,6 +49,7 @@ class DemoResult:
     bits: int
     qat_epochs: int
     calibration_config: dict
+    deployment: Deployment | None = None
 
 
 def load_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,17 +85,18 @@ def build_model() -> nn.Module:
 
 
 def demo_config_list(bits: int = 8) -> list[dict]:
-    """Weights int<bits> symmetric per output channel; inputs and outputs uint<bits> affine per tensor."""
+    """The exactly deployable layout: int<bits> symmetric weights per output channel; uint<bits> affine activations,
+    each quantized once (the model's input, and every conv/linear output, after the ReLU that fuse="auto" fuses)."""
+    activations = {"quant_dtype": f"uint{bits}", "quant_scheme": "affine"}
+    weights = {"quant_dtype": f"int{bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
     return [
+        {"op_names": ["0"], "target_names": ["_input_"], **activations},
         {
             "op_types": ["Conv2d", "Linear"],
-            "target_names": ["_input_", "weight", "_output_"],
-            "quant_dtype": f"uint{bits}",
-            "quant_scheme": "affine",
-            "target_settings": {
-                "weight": {"quant_dtype": f"int{bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
-            },
-        }
+            "target_names": ["weight", "_output_"],
+            **activations,
+            "target_settings": {"weight": weights},
+        },
     ]
 
 
@@ -134,11 +151,14 @@ def _make_training_func(x: torch.Tensor, y: torch.Tensor, seed: int, progress: C
     return training_func
 
 
-def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int = 0, progress: bool = True) -> DemoResult:
-    """Train float, then QAT to int<bits>; returns the test accuracies and the calibration config.
+def run_demo(
+    *, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int = 0, progress: bool = True, out_dir: str | None = None
+) -> DemoResult:
+    """Train float, then QAT to int<bits>, then (with onnxruntime installed) export and run it in ONNX Runtime.
 
     The float control continues training the float checkpoint for the same epochs, data order and learning rate
-    as QAT, so the QAT accuracy is compared with what those extra epochs alone would give.
+    as QAT, so the QAT accuracy is compared with what those extra epochs alone would give. ONNX files go to
+    ``out_dir`` (a temporary folder when ``None``).
     """
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits(seed)
@@ -175,6 +195,7 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int 
     _, calibration_config = quantizer.compress(max_steps=None, max_epochs=qat_epochs)
     qat_seconds = time.perf_counter() - start
     qat_accuracy = evaluator.evaluate()
+    deployment = _deploy(model, control, x_test, y_test, out_dir) if _have_onnxruntime() else None
     return DemoResult(
         float_accuracy=float_accuracy,
         control_accuracy=control_accuracy,
@@ -186,6 +207,60 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, bits: int = 8, seed: int 
         bits=bits,
         qat_epochs=qat_epochs,
         calibration_config=calibration_config,
+        deployment=deployment,
+    )
+
+
+def _have_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _deploy(model: nn.Module, control: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, out_dir: str | None) -> Deployment:
+    """Export the QAT model (int8 QDQ) and the float control (fp32), run both in ONNX Runtime on the test set."""
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    from quantrain.deploy import check_parity, export_onnx
+
+    folder = out_dir or tempfile.mkdtemp(prefix="quantrain-demo-")
+    os.makedirs(folder, exist_ok=True)
+    int8_path, float_path = os.path.join(folder, "digits_int8.onnx"), os.path.join(folder, "digits_fp32.onnx")
+    export_onnx(model, x_test[:2], int8_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            control.eval(),
+            (x_test[:2],),
+            float_path,
+            dynamo=False,
+            input_names=["input_0"],
+            output_names=["output_0"],
+            dynamic_axes={"input_0": {0: "batch"}, "output_0": {0: "batch"}},
+        )
+    sessions = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]) for path in (int8_path, float_path)]
+    feed = {"input_0": x_test.numpy()}
+    times: list[list[float]] = [[], []]
+    for run in range(40):  # interleaved, so that drift on a shared machine hits both alike
+        for index in (run % 2, 1 - run % 2):
+            start = time.perf_counter()
+            sessions[index].run(None, feed)
+            times[index].append(time.perf_counter() - start)
+    logits = sessions[0].run(None, feed)[0]
+    parity = check_parity(model, int8_path, x_test).outputs[0]
+    return Deployment(
+        int8_accuracy=100.0 * float((logits.argmax(1) == y_test.numpy()).mean()),
+        top1_agreement=100.0 * (parity.top1_agreement or 0.0),
+        int8_latency_ms=1000 * statistics.median(times[0][4:]),
+        float_latency_ms=1000 * statistics.median(times[1][4:]),
+        int8_bytes=os.path.getsize(int8_path),
+        float_bytes=os.path.getsize(float_path),
+        int8_path=int8_path,
     )
 
 
@@ -213,12 +288,41 @@ class _NoBar:
 
 def format_table(result: DemoResult) -> str:
     rows = [
-        ("model", "test accuracy", "train time"),
-        ("float32", f"{result.float_accuracy:.2f}%", f"{result.float_seconds:.1f} s"),
-        (f"float32 + {result.qat_epochs} epochs (control)", f"{result.control_accuracy:.2f}%", f"{result.control_seconds:.1f} s"),
-        (f"int{result.bits} QAT (fake-quant)", f"{result.qat_accuracy:.2f}%", f"{result.qat_seconds:.1f} s"),
+        ("model", "test accuracy", "train time", "ORT latency", "size"),
+        ("float32", f"{result.float_accuracy:.2f}%", f"{result.float_seconds:.1f} s", "", ""),
+        (
+            f"float32 + {result.qat_epochs} epochs (control)",
+            f"{result.control_accuracy:.2f}%",
+            f"{result.control_seconds:.1f} s",
+            *_deployed(result, "float"),
+        ),
+        (f"int{result.bits} QAT (fake-quant)", f"{result.qat_accuracy:.2f}%", f"{result.qat_seconds:.1f} s", "", ""),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    if result.deployment is not None:
+        rows.append(
+            (f"int{result.bits} in ONNX Runtime", f"{result.deployment.int8_accuracy:.2f}%", "", *_deployed(result, "int8"))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines) + f"\n(digits test set: {result.test_size} images)"
+    footer = f"(digits test set: {result.test_size} images"
+    if result.deployment is not None:
+        footer += (
+            f"; ORT latency is the median for the whole test set in one batch; the int8 model agrees with its "
+            f"fake-quant twin on {result.deployment.top1_agreement:.2f}% of images"
+        )
+    else:
+        footer += "; install onnxruntime (pip install 'quantrain[demo]') for the ONNX Runtime rows"
+    return "\n".join(lines) + "\n" + footer + ")"
+
+
+def _deployed(result: DemoResult, which: str) -> tuple[str, str]:
+    deployment = result.deployment
+    if deployment is None:
+        return "", ""
+    latency, size = (
+        (deployment.int8_latency_ms, deployment.int8_bytes)
+        if which == "int8"
+        else (deployment.float_latency_ms, deployment.float_bytes)
+    )
+    return f"{latency:.2f} ms", f"{size / 1024:.1f} KiB"
