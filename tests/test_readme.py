@@ -22,9 +22,9 @@ def test_readme_opens_with_two_pinned_commands_and_ci_runs_the_test_one():
     assert picked.stdout.strip() == commands[1]
 
 
-@pytest.mark.parametrize("index, printed", [(0, "torch.Size([32, 1])"), (1, "[('0', '1', '2')]")])
+@pytest.mark.parametrize("index, printed", [(0, "torch.Size([32, 1])"), (1, "[('0', '1', '2')]"), (2, "[]\n1.0")])
 def test_python_blocks_run_and_print_what_they_say(index, printed, capsys):
     blocks = _blocks("python")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     exec(compile(blocks[index], f"README.md python block {index}", "exec"), {})
     assert printed in capsys.readouterr().out
