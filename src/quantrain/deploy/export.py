@@ -30,7 +30,7 @@ from typing import Any
 
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from quantrain.deploy.qdq import ExportActivation, ExportWeight
@@ -104,6 +104,7 @@ def export_onnx(
             do_constant_folding=True,
         )
     graph_model = onnx.load(str(path))
+    fold_constants(graph_model)
     propagate_quantization(graph_model.graph)
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
@@ -132,6 +133,38 @@ def _export_module(fq: FakeQuantizer, report: ExportReport) -> nn.Module:
             "by ONNX Runtime; use quant_scheme 'symmetric' for weights"
         )
     return ExportWeight(fq)
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Replace float operators whose inputs are all constants (e.g. the folded-BatchNorm bias arithmetic) by
+    initializers holding their results; returns how many were folded. Q/DQ nodes are kept."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    kept, folded = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1 and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        foldable = node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")
+        if foldable and node.input and all(name in constants or name == "" for name in node.input):
+            inputs = [
+                helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(constants[name].dtype), None)
+                for name in node.input
+                if name
+            ]
+            outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None) for name in node.output]
+            single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs), opset_imports=model.opset_import)
+            results = ReferenceEvaluator(single).run(None, {name: constants[name] for name in node.input if name})
+            for name, value in zip(node.output, results, strict=True):
+                constants[name] = value
+                graph.initializer.append(numpy_helper.from_array(value, name))
+            folded += 1
+            continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
 
 
 def propagate_quantization(graph: onnx.GraphProto) -> int:
