@@ -19,6 +19,7 @@ from quantrain.config import (
 )
 from quantrain.evaluator import Evaluator, TorchEvaluator
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.modules import Add
 from quantrain.observer import RangeObserver
 from quantrain.ptq import PtqQuantizer
 from quantrain.qat import QATQuantizer
@@ -28,6 +29,7 @@ from quantrain.wrapping import register_float_forward
 __version__ = "0.1.0"
 
 __all__ = [
+    "Add",
     "Evaluator",
     "FakeQuantizer",
     "Granularity",

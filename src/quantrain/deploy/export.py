@@ -41,6 +41,8 @@ __all__ = ["ExportReport", "export_onnx"]
 
 PROPAGATE_THROUGH = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu"})
 """Operators whose outputs stay on their input's quantization grid (ReLU too: real zero is always on the grid)."""
+REQUANTIZE_AFTER = frozenset({"AveragePool", "GlobalAveragePool"})
+"""Operators whose outputs leave the grid; quantized again with their input's parameters (not trained)."""
 
 
 @dataclass
@@ -105,7 +107,12 @@ def export_onnx(
         )
     graph_model = onnx.load(str(path))
     fold_constants(graph_model)
-    propagate_quantization(graph_model.graph)
+    for node in propagate_quantization(graph_model.graph):
+        if node.op_type in REQUANTIZE_AFTER:
+            report.notes.append(
+                f"{node.name or node.op_type}: its averages are quantized again with its input's scale "
+                "(training left them in float), so ONNX Runtime can keep integer kernels after it"
+            )
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
     return report
@@ -167,18 +174,27 @@ def fold_constants(model: onnx.ModelProto) -> int:
     return folded
 
 
-def propagate_quantization(graph: onnx.GraphProto) -> int:
-    """After each grid-preserving operator fed by a per-tensor DequantizeLinear, insert the same Q/DQ pair; returns
-    how many pairs were inserted. Exact: those operators only move or select values already on the grid."""
+def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """After each grid-preserving operator fed by a per-tensor DequantizeLinear, insert the same Q/DQ pair (exact:
+    those operators only move or select values already on the grid); after an averaging operator too (not exact).
+    Returns the operators after which a pair was inserted."""
     producers = {output: node for node in graph.node for output in node.output}
-    inserted, nodes = 0, []
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    inserted: list[onnx.NodeProto] = []
+    nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         nodes.append(node)
         source = producers.get(node.input[0]) if node.input else None
-        if node.op_type not in PROPAGATE_THROUGH or source is None or source.op_type != "DequantizeLinear":
+        if node.op_type not in PROPAGATE_THROUGH | REQUANTIZE_AFTER or source is None or source.op_type != "DequantizeLinear":
             continue
         if any(attr.name == "axis" for attr in source.attribute):
             continue  # per-channel: the layout may change
+        if consumers.get(node.output[0]) and all(op == "QuantizeLinear" for op in consumers[node.output[0]]):
+            continue  # already quantized by the model
+
         scale, zero_point = source.input[1], source.input[2]
         original = node.output[0]
         quantized = f"{original}_quantized"
@@ -187,7 +203,8 @@ def propagate_quantization(graph: onnx.GraphProto) -> int:
         nodes.append(helper.make_node("QuantizeLinear", [node.output[0], scale, zero_point], [quantized], name=f"{node.name}_q"))
         nodes.append(helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [original], name=f"{node.name}_dq"))
         producers[original] = nodes[-1]
-        inserted += 1
+        inserted.append(node)
+
     del graph.node[:]
     graph.node.extend(nodes)
     return inserted
