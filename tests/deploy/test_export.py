@@ -189,3 +189,32 @@ def test_propagation_inserts_the_same_qdq_after_grid_preserving_ops():
     ]
     assert all(list(n.input[1:]) == ["s", "z"] for n in graph.node if n.op_type.endswith("quantizeLinear"))
     assert graph.node[-1].output[0] == "y"
+
+
+def test_idle_relus_after_zero_based_dequantization_are_dropped():
+    from onnx import TensorProto, helper
+
+    from quantrain.deploy.export import drop_idle_relus
+
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "z0"], ["x"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z3"], ["x3"]),
+        helper.make_node("Relu", ["x3"], ["r3"]),
+        helper.make_node("Add", ["r", "r3"], ["y"]),
+    ]
+    inits = [
+        helper.make_tensor("s", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("z0", TensorProto.UINT8, [], [0]),
+        helper.make_tensor("z3", TensorProto.UINT8, [], [3]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        inits,
+    )
+    assert drop_idle_relus(graph) == 1  # zero point 3: values below 0 exist, that ReLU stays
+    assert [n.op_type for n in graph.node] == ["DequantizeLinear", "DequantizeLinear", "Relu", "Add"]
+    assert list(graph.node[-1].input) == ["x", "r3"]

@@ -272,3 +272,25 @@ def test_fuse_auto_default_is_off_and_untraceable_models_warn_and_fall_back():
 def test_bad_fuse_argument():
     with pytest.raises(ValueError, match="fuse must be None"):
         QATQuantizer(Block(), [{"op_types": ["Conv2d"]}], fuse="yes")
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from quantrain import Add
+
+        self.conv, self.add, self.relu = nn.Conv2d(2, 2, 3, padding=1), Add(), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.add(self.conv(x), x))
+
+
+def test_fuse_auto_quantizes_a_residual_add_after_its_relu():
+    model = Residual()
+    config = [{"op_types": ["Add"], "quant_dtype": "uint8", "quant_scheme": "affine"}]
+    quantizer = QATQuantizer(model, config, fuse="auto")
+    assert [(f.group, f.activation) for f in quantizer.fusions()] == [(("add", "relu"), "relu")]
+    out = model(torch.randn(4, 2, 5, 5))
+    fq = model.add.fake_quant["_output_0"]
+    assert fq.observer.tracked_min.item() == 0.0 and fq.zero_point.item() == 0.0  # the range is the ReLU's
+    assert torch.allclose(torch.round(out / fq.scale) * fq.scale, out, atol=1e-6)

@@ -1,8 +1,10 @@
 """Which modules are fused: the explicit ``fuse_names`` of each entry, and (``fuse='auto'``) the patterns found by
 tracing the model with ``torch.fx``.
 
-Patterns: Conv1d/2d/3d or Linear -> BatchNorm (-> ReLU/ReLU6), Conv/Linear -> ReLU/ReLU6, BatchNorm -> ReLU/ReLU6,
-where each module's output feeds only the next one. Reads the model, never changes it.
+Patterns: Conv1d/2d/3d or Linear -> BatchNorm (-> ReLU/ReLU6), and (``auto`` only) any quantized module whose output
+feeds only a ReLU/ReLU6, e.g. a residual ``quantrain.Add``; where each module's output feeds only the next one.
+Explicit ``fuse_names`` accept NNI's patterns. Reads the model, never changes it.
+
 """
 
 from __future__ import annotations
@@ -28,16 +30,25 @@ ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with modules already quantized in place kept as leaves (they are still one module)."""
+    """torch.fx's tracer, keeping as leaves the modules to be quantized and those already quantized in place (each is
+    one unit for quantization, whatever it does inside)."""
+
+    def __init__(self, leaves: frozenset[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return hasattr(type(module), "_float_class") or super().is_leaf_module(module, qualified_name)
+        return (
+            qualified_name in self.leaves
+            or hasattr(type(module), "_float_class")
+            or super().is_leaf_module(module, qualified_name)
+        )
 
 
-def trace(model: nn.Module) -> tuple[fx.Graph | None, str]:
-    """The model's fx graph, or ``None`` and the reason it could not be traced."""
+def trace(model: nn.Module, leaves: frozenset[str] = frozenset()) -> tuple[fx.Graph | None, str]:
+    """The model's fx graph (with ``leaves`` not traced into), or ``None`` and the reason it could not be traced."""
     try:
-        return _Tracer().trace(model), ""
+        return _Tracer(leaves).trace(model), ""
 
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -52,7 +63,8 @@ def plan_fusions(
         return plans
     modules = dict(model.named_modules())
     planned = {plan.name: plan for plan in plans}
-    graph, reason = trace(model)
+    graph, reason = trace(model, frozenset(planned))
+
     fusions: dict[str, FusionPlan] = {}
     used: set[str] = set()
     for entry, group in explicit:
@@ -143,7 +155,8 @@ def _check_consecutive(entry: ConfigEntry, group: tuple[str, ...], graph: fx.Gra
 
 
 def _auto_fusions(graph: fx.Graph, modules: dict[str, nn.Module], planned: dict[str, ModulePlan]) -> list[FusionPlan]:
-    """Chains that start at a planned module with a weight (or at a planned BN) and pass their output on only."""
+    """Chains that start at a planned module and pass their output on only: Conv/Linear -> BN (-> activation), or any
+    module whose quantized output feeds only a ReLU/ReLU6 (the output is then quantized after the activation)."""
     found = []
     for node in graph.nodes:
         if node.op != "call_module" or str(node.target) not in planned:
@@ -156,8 +169,7 @@ def _auto_fusions(graph: fx.Graph, modules: dict[str, nn.Module], planned: dict[
                 continue  # quantized on its own, or nothing to fold with
             bn = str(tail.target)
             chain.append(bn)
-        elif not isinstance(module, FOLDABLE + NORMS):
-            continue
+
         activation = _activation_of(tail, modules)
         wants_output = any(t.name == "_output_0" for t in planned[name].targets)
         if activation is not None and wants_output:

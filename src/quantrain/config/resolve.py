@@ -130,13 +130,13 @@ def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
             if name not in modules:
                 raise entry.error(ValueError, key, f"no module named {name!r} in the model{_suggest(name, modules)}")
     for key in ("op_types", "exclude_op_types"):
-        present = {float_type(m).__name__ for m in modules.values()}
+        present = {float_type(m).__name__ for m in modules.values()} | {t.__name__ for t in DEFAULT_TARGETS}
         for type_name in getattr(entry, key):
             if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
                 raise entry.error(
                     ValueError,
                     key,
-                    f"{type_name!r} is neither a module type in the model nor a torch.nn class"
+                    f"{type_name!r} is neither a module type in the model, a registered type, nor a torch.nn class"
                     f"{_suggest(type_name, present | set(dir(nn)))}",
                 )
     by_name = entry.op_names or entry.op_names_re

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
@@ -107,6 +108,7 @@ def export_onnx(
         )
     graph_model = onnx.load(str(path))
     fold_constants(graph_model)
+    drop_idle_relus(graph_model.graph)
     for node in propagate_quantization(graph_model.graph):
         if node.op_type in REQUANTIZE_AFTER:
             report.notes.append(
@@ -172,6 +174,34 @@ def fold_constants(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return folded
+
+
+def drop_idle_relus(graph: onnx.GraphProto) -> int:
+    """Remove each ReLU whose input is dequantized with its zero point at the integer type's minimum: such values are
+    never negative, so the ReLU (typically a model's activation module after a fused, quantized output) does nothing.
+    Returns how many were removed."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    producers = {output: node for node in graph.node for output in node.output}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        source = producers.get(renamed.get(node.input[0], node.input[0])) if node.input else None
+        if node.op_type == "Relu" and source is not None and source.op_type == "DequantizeLinear" and len(source.input) > 2:
+            zero_point = constants.get(source.input[2])
+            if zero_point is not None and zero_point.size == 1 and int(zero_point) == np.iinfo(zero_point.dtype).min:
+                renamed[node.output[0]] = renamed.get(node.input[0], node.input[0])
+                continue
+        kept.append(node)
+    for node in kept:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    outputs = {output.name for output in graph.output}
+    for relu_output, replacement in renamed.items():
+        if relu_output in outputs:  # a graph output keeps its name: restore it with an Identity
+            kept.append(helper.make_node("Identity", [replacement], [relu_output]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(renamed)
 
 
 def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

@@ -1,0 +1,215 @@
+"""Deploy benchmark: ONNX Runtime latency and file size of quantrain's int8 export, against the fp32 ONNX of the same
+model and against ONNX Runtime's own static QDQ quantization of that fp32 model.
+
+Models: an MLP 784-1024-1024-10 (batch 256) and a small ResNet-style CNN (3x32x32, three basic blocks of 32/64/128
+channels, batch 32). Weights are random and BatchNorm statistics come from a few training-mode batches: latency and
+size do not depend on training. quantrain's model is prepared with the deployable config (uint8 affine activations,
+int8 symmetric per-channel weights, BatchNorm folded) and its ranges are tracked on the same batches ORT's calibration
+sees. All sessions run in one process, interleaved, with the same thread count; medians over many runs are reported
+with min and max, and the ratios are measured in the same run.
+
+    python benchmarks/deploy.py [--runs 60] [--threads 2] [--json deploy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from torch import nn
+
+from quantrain import Add, QATQuantizer, check_parity, export_onnx
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.add = Add()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu2(self.add(y, self.shortcut(x)))
+
+
+def resnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        BasicBlock(32, 32, 1),
+        BasicBlock(32, 64, 2),
+        BasicBlock(64, 128, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+CASES = {"mlp": (mlp, (256, 784)), "resnet": (resnet, (32, 3, 32, 32))}
+
+
+def config() -> list[dict]:
+    activations = {"quant_dtype": "uint8", "quant_scheme": "affine"}
+    weights = {"quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "out_channel"}
+    return [
+        {"op_names": ["0"], "target_names": ["_input_"], **activations},
+        {
+            "op_types": ["Conv2d", "Linear"],
+            "target_names": ["weight", "_output_"],
+            **activations,
+            "target_settings": {"weight": weights},
+        },
+        {"op_types": ["Add"], "target_names": ["_output_"], **activations},
+    ]
+
+
+class Batches(CalibrationDataReader):
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = iter([{"input_0": b} for b in batches])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> dict[str, str]:
+    build, _ = CASES[name]
+    torch.manual_seed(0)
+    model = build()
+    model.train()
+    with torch.no_grad():
+        for x in calibration:  # BatchNorm statistics
+            model(x)
+    model.eval()
+    paths = {kind: os.path.join(folder, f"{name}_{kind}.onnx") for kind in ("fp32", "ort_static", "quantrain")}
+    axes = {"input_0": {0: "batch"}, "output_0": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (calibration[0],),
+            paths["fp32"],
+            dynamo=False,
+            input_names=["input_0"],
+            output_names=["output_0"],
+            dynamic_axes=axes,
+        )
+    quantize_static(
+        paths["fp32"],
+        paths["ort_static"],
+        Batches([x.numpy() for x in calibration]),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    quantizer = QATQuantizer(model, config(), fuse="auto")
+    for x in calibration:
+        quantizer.track_forward(x)
+    report = export_onnx(model.eval(), calibration[0], paths["quantrain"])
+    parity = check_parity(model, paths["quantrain"], calibration[-1]).outputs[0]
+    print(
+        f"{name}: quantrain export notes {report.notes or 'none'}; parity with its fake-quant model: top-1 "
+        f"{100 * parity.top1_agreement:.1f}%, SQNR {parity.sqnr_db:.1f} dB"
+    )
+    return paths
+
+
+def session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def measure(paths: dict[str, str], x: np.ndarray, runs: int, threads: int) -> dict[str, list[float]]:
+    sessions = {kind: session(path, threads) for kind, path in paths.items()}
+    kinds = list(sessions)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for run in range(runs + 5):
+        order = kinds if run % 2 == 0 else kinds[::-1]  # interleaved, alternating order
+        for kind in order:
+            start = time.perf_counter()
+            sessions[kind].run(None, {"input_0": x})
+            if run >= 5:
+                times[kind].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--json", default="deploy.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            shape = CASES[name][1]
+            generator = torch.Generator().manual_seed(1)
+            calibration = [torch.randn(shape, generator=generator) for _ in range(8)]
+            paths = prepare(name, folder, calibration)
+            times = measure(paths, calibration[0].numpy(), args.runs, args.threads)
+            fp32 = statistics.median(times["fp32"])
+            for kind, samples in times.items():
+                median = statistics.median(samples)
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": shape[0],
+                        "variant": kind,
+                        "median_ms": 1000 * median,
+                        "min_ms": 1000 * min(samples),
+                        "max_ms": 1000 * max(samples),
+                        "speedup_vs_fp32": fp32 / median,
+                        "size_kib": os.path.getsize(paths[kind]) / 1024,
+                        "size_vs_fp32": os.path.getsize(paths[kind]) / os.path.getsize(paths["fp32"]),
+                    }
+                )
+    by_model = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["variant"]] = row
+    for variants in by_model.values():
+        for row in variants.values():
+            row["vs_ort_static"] = variants["ort_static"]["median_ms"] / row["median_ms"]
+    print("\n| model (batch) | variant | median ms (min-max) | speed-up vs fp32 | vs ORT static | size KiB | size vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['model']} ({row['batch']}) | {row['variant']} | {row['median_ms']:.2f} ({row['min_ms']:.2f}-{row['max_ms']:.2f}) "
+            f"| {row['speedup_vs_fp32']:.2f}x | {row['vs_ort_static']:.2f}x | {row['size_kib']:.0f} | {row['size_vs_fp32']:.2f} |"
+        )
+    print(
+        f"\nONNX Runtime {ort.__version__}, {args.threads} threads, {args.runs} interleaved runs per variant; "
+        f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "rows": rows, "onnxruntime": ort.__version__}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
