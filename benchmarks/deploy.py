@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| model (batch) | variant | median ms (min-max) | speed-up vs fp32 | vs ORT static | size KiB | size vs fp32 |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
+        timing = f"{row['median_ms']:.2f} ({row['min_ms']:.2f}-{row['max_ms']:.2f})"
         print(
-            f"| {row['model']} ({row['batch']}) | {row['variant']} | {row['median_ms']:.2f} ({row['min_ms']:.2f}-{row['max_ms']:.2f}) "
+            f"| {row['model']} ({row['batch']}) | {row['variant']} | {timing} "
             f"| {row['speedup_vs_fp32']:.2f}x | {row['vs_ort_static']:.2f}x | {row['size_kib']:.0f} | {row['size_vs_fp32']:.2f} |"
         )
     print(
