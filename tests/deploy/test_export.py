@@ -218,3 +218,13 @@ def test_idle_relus_after_zero_based_dequantization_are_dropped():
     assert drop_idle_relus(graph) == 1  # zero point 3: values below 0 exist, that ReLU stays
     assert [n.op_type for n in graph.node] == ["DequantizeLinear", "DequantizeLinear", "Relu", "Add"]
     assert list(graph.node[-1].input) == ["x", "r3"]
+
+
+def test_per_layer_parity_names_every_quantization_point(trained, exported, digits):
+    model, _ = trained
+    path, _ = exported
+    report = check_parity(model, path, digits[2][:100], per_layer=True)
+    assert [layer.label for layer in report.layers] == ["0._input_0", "0._output_0", "3._output_0", "8._output_0", "10._output_0"]
+    assert report.layers[0].max_diff_in_steps == 0.0  # quantizing the input is the same arithmetic in both
+    assert all(layer.max_diff_in_steps <= 1.0 + 1e-4 and layer.sqnr_db > 30 for layer in report.layers)
+    assert "0._output_0 |" in str(report)

@@ -88,6 +88,10 @@ def export_onnx(
             module.fake_quant[target] = _export_module(fq, report)
     with torch.no_grad():
         export_model(*inputs)  # records each weight's integers
+    calls: list[str] = []
+    for point in export_model.modules():
+        if isinstance(point, ExportActivation):
+            point.calls = calls
     names = input_names or [f"input_{i}" for i in range(len(inputs))]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,6 +99,7 @@ def export_onnx(
         count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         out_names = output_names or [f"output_{i}" for i in range(count)]
         axes = {name: {0: "batch"} for name in [*names, *out_names]} if dynamic_batch else None
+        calls.clear()  # the export's own trace calls each point once, in graph order
         torch.onnx.export(
             export_model,
             inputs,
@@ -107,6 +112,7 @@ def export_onnx(
             do_constant_folding=True,
         )
     graph_model = onnx.load(str(path))
+    name_quantization_points(graph_model.graph, calls)
     fold_constants(graph_model)
     drop_idle_relus(graph_model.graph)
     for node in propagate_quantization(graph_model.graph):
@@ -174,6 +180,21 @@ def fold_constants(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return folded
+
+
+def name_quantization_points(graph: onnx.GraphProto, labels: list[str]) -> bool:
+    """Name the k-th QuantizeLinear/DequantizeLinear pair on activations after the k-th label (``module.target``);
+    returns whether the counts matched (otherwise nothing is renamed)."""
+    pairs = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    if len(pairs) != len(labels):
+        return False
+    consumers = {name: node for node in graph.node if node.op_type == "DequantizeLinear" for name in node.input[:1]}
+    for quantize, label in zip(pairs, labels, strict=True):
+        quantize.name = f"{label}/quantize"
+        dequantize = consumers.get(quantize.output[0])
+        if dequantize is not None:
+            dequantize.name = f"{label}/dequantize"
+    return True
 
 
 def drop_idle_relus(graph: onnx.GraphProto) -> int:

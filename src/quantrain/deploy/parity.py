@@ -18,7 +18,7 @@ from torch import nn
 
 from quantrain.fake_quantizer import FakeQuantizer
 
-__all__ = ["OutputParity", "ParityReport", "check_parity"]
+__all__ = ["LayerParity", "OutputParity", "ParityReport", "check_parity"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,18 @@ class OutputParity:
 
 
 @dataclass(frozen=True)
+class LayerParity:
+    """One quantization point inside the model (``module.target``), compared after dequantization."""
+
+    label: str
+    max_diff_in_steps: float
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
 class ParityReport:
     outputs: tuple[OutputParity, ...]
+    layers: tuple[LayerParity, ...] = ()
 
     def __str__(self) -> str:
         lines = ["output | top-1 agreement | max |diff| | in quantization steps | SQNR dB"]
@@ -40,11 +50,17 @@ class ParityReport:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
             steps = "-" if o.max_diff_in_steps is None else f"{o.max_diff_in_steps:.2f}"
             lines.append(f"{o.name} | {top1} | {o.max_abs_diff:.3g} | {steps} | {o.sqnr_db:.1f}")
+        if self.layers:
+            lines += ["", "layer | max |diff| in quantization steps | SQNR dB"]
+            lines += [f"{layer.label} | {layer.max_diff_in_steps:.2f} | {layer.sqnr_db:.1f}" for layer in self.layers]
         return "\n".join(lines)
 
 
-def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: Any) -> ParityReport:
-    """Run ``model`` (in eval mode) and the ONNX model at ``onnx_path`` in ONNX Runtime on ``inputs``; compare."""
+def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: Any, *, per_layer: bool = False) -> ParityReport:
+    """Run ``model`` (in eval mode) and the ONNX model at ``onnx_path`` in ONNX Runtime on ``inputs``; compare.
+
+    ``per_layer=True`` also compares every quantization point that the export named after its target.
+    """
     session = _session(onnx_path)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs, strict=False)}
@@ -54,12 +70,47 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: Any) ->
     produced = session.run(None, feeds)
     if len(produced) != len(reference):
         raise ValueError(f"{onnx_path}: the ONNX model has {len(produced)} outputs, the PyTorch model {len(reference)}")
-    return ParityReport(
-        tuple(
-            _compare(arg.name, ref, out, step)
-            for arg, ref, out, step in zip(session.get_outputs(), reference, produced, steps, strict=True)
-        )
+    outputs = tuple(
+        _compare(arg.name, ref, out, step)
+        for arg, ref, out, step in zip(session.get_outputs(), reference, produced, steps, strict=True)
     )
+    return ParityReport(outputs, _layers(model, onnx_path, inputs, feeds) if per_layer else ())
+
+
+def _layers(model: nn.Module, onnx_path: str | os.PathLike, inputs: tuple, feeds: dict) -> tuple[LayerParity, ...]:
+    """Compare each named quantization point of the ONNX model with the fake quantizer of the same label."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph_model = onnx.load(str(onnx_path))
+    points = {n.name[: -len("/dequantize")]: n.output[0] for n in graph_model.graph.node if n.name.endswith("/dequantize")}
+    graph_model.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in points.values())
+    session = ort.InferenceSession(graph_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    produced = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    captured: dict[str, tuple[np.ndarray, float]] = {}
+
+    def capture(fq: FakeQuantizer, args: tuple, output: torch.Tensor) -> None:
+        if fq.label not in captured and fq.scale.numel() == 1:
+            captured[fq.label] = (output.detach().cpu().numpy(), float(fq.scale))
+
+    handles = [m.register_forward_hook(capture) for m in model.modules() if isinstance(m, FakeQuantizer) and m.activation]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    layers = []
+    for label, name in points.items():
+        if label in captured and produced[name].shape == captured[label][0].shape:
+            reference, step = captured[label]
+            result = _compare(label, reference, produced[name], step)
+            layers.append(LayerParity(label, result.max_diff_in_steps or 0.0, result.sqnr_db))
+    return tuple(layers)
 
 
 def _session(onnx_path: str | os.PathLike):

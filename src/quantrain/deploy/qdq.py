@@ -82,10 +82,18 @@ class _ExportBase(nn.Module):
 
 
 class ExportActivation(_ExportBase):
-    """An input/output quantization point: Q then DQ, with ONNX's saturation to the 8-bit container."""
+    """An input/output quantization point: Q then DQ, with ONNX's saturation to the 8-bit container.
+
+    ``calls``, when set to a list, receives this point's label at each call (the export names nodes from it).
+    """
+
+    calls: list[str] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.calls is not None:
+            self.calls.append(self.label)
         info = torch.iinfo(self.zero_point.dtype)
+
         return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.axis, info.min, info.max)
 
 
