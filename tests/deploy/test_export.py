@@ -228,3 +228,40 @@ def test_per_layer_parity_names_every_quantization_point(trained, exported, digi
     assert report.layers[0].max_diff_in_steps == 0.0  # quantizing the input is the same arithmetic in both
     assert all(layer.max_diff_in_steps <= 1.0 + 1e-4 and layer.sqnr_db > 30 for layer in report.layers)
     assert "0._output_0 |" in str(report)
+
+
+@pytest.mark.parametrize("granularity", ["default", "out_channel"])
+def test_a_batchnorm_not_folded_in_training_is_folded_exactly_at_export(tmp_path, granularity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.5, -0.5, 0.25, 2.0]))  # a negative gamma flips the weight's sign
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].running_mean.uniform_(-1, 1)
+    activations = {"quant_dtype": "uint8", "quant_scheme": "affine"}
+    config = [
+        {
+            "op_names": ["0"],
+            "target_names": ["_input_", "weight"],
+            **activations,
+            "target_settings": {"weight": {"quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": granularity}},
+        },
+        {
+            "op_names": ["4"],
+            "target_names": ["_input_", "weight", "_output_"],
+            **activations,
+            "target_settings": {"weight": {"quant_dtype": "int8"}},
+        },
+    ]
+    QATQuantizer(model, config)
+    for _ in range(3):
+        model(torch.randn(16, 2, 6, 6))
+    model.eval()
+    with pytest.warns(UserWarning, match=r"folded at export .*\['0 \+ 1'\]"):
+        report = export_onnx(model, torch.randn(2, 2, 6, 6), tmp_path / "bn.onnx")
+    assert any("folded at export" in note for note in report.notes)
+    types = [n.op_type for n in onnx.load(str(tmp_path / "bn.onnx")).graph.node]
+    assert "BatchNormalization" not in types
+    parity = check_parity(model, tmp_path / "bn.onnx", torch.randn(64, 2, 6, 6)).outputs[0]
+    assert parity.top1_agreement == 1.0 and parity.max_diff_in_steps <= 1.0 + 1e-4
+    assert type(model[1]) is nn.BatchNorm2d  # the user's model is untouched

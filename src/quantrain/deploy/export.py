@@ -86,6 +86,7 @@ def export_onnx(
     for module in (m for m in export_model.modules() if is_quantized(m)):
         for target, fq in list(module.fake_quant.items()):
             module.fake_quant[target] = _export_module(fq, report)
+    fold_remaining_batchnorms(export_model, report)
     with torch.no_grad():
         export_model(*inputs)  # records each weight's integers
     calls: list[str] = []
@@ -126,7 +127,62 @@ def export_onnx(
     return report
 
 
+def fold_remaining_batchnorms(model: nn.Module, report: ExportReport) -> None:
+    """Fold each BatchNorm that directly follows a quantized Conv/Linear but was not folded during training.
+
+    The folded weight ``w * s`` gets the per-channel scale ``scale * |s|``, so its integers are exactly the trained
+    ones (sign flipped where ``s < 0``); the bias becomes ``beta + (b - running_mean) * s``. A quantized output of the
+    conv (taken before BatchNorm) has no counterpart after folding and is dropped. Warns naming the layers.
+    """
+    from quantrain.config.fusion import FOLDABLE, NORMS, trace
+    from quantrain.wrapping.fusion import fold_factor, fold_parameters
+
+    modules = dict(model.named_modules())
+    graph, _ = trace(model, frozenset(name for name, m in modules.items() if is_quantized(m)))
+    if graph is None:
+        return
+    folded = []
+    for node in graph.nodes:
+        conv = modules.get(str(node.target)) if node.op == "call_module" else None
+        users = list(node.users)
+        if not (is_quantized(conv) and isinstance(conv, FOLDABLE) and "fusion" not in conv._modules and len(users) == 1):
+            continue
+        bn_name = str(users[0].target) if users[0].op == "call_module" else ""
+        bn = modules.get(bn_name)
+        weight_fq = conv.fake_quant["weight"] if "weight" in conv.fake_quant else None  # noqa: SIM401 (ModuleDict)
+        if not isinstance(bn, NORMS) or bn.running_var is None or not isinstance(weight_fq, ExportWeight):
+            continue
+        if weight_fq.settings.scheme.value != "symmetric":
+            report.notes.append(
+                f"{node.target}: BatchNorm {bn_name!r} was not folded during training and cannot be folded "
+                "exactly into affine weights; it stays a separate float operator"
+            )
+            continue
+        with torch.no_grad():
+            factor = fold_factor(bn)
+            weight, bias = fold_parameters(conv.weight, conv.bias, bn)
+            conv.weight.copy_(weight)
+            conv.bias = nn.Parameter(bias)
+            weight_fq.scale = (weight_fq.scale * factor.abs()).flatten().float()
+            weight_fq.zero_point = torch.zeros(weight_fq.scale.shape, dtype=weight_fq.zero_point.dtype)
+            weight_fq.axis = 0
+        if "_output_0" in conv.fake_quant:
+            conv.fake_quant["_output_0"] = nn.Identity()
+            report.notes.append(
+                f"{node.target}._output_0 quantized the output before BatchNorm {bn_name!r}; that point "
+                "does not exist once the BatchNorm is folded, and is dropped"
+            )
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        folded.append(f"{node.target} + {bn_name}")
+    if folded:
+        message = f"folded at export (not during training; fold during QAT with fuse='auto' or fuse_names): {folded}"
+        warnings.warn(message, stacklevel=3)
+        report.notes.append(message)
+
+
 def _export_module(fq: FakeQuantizer, report: ExportReport) -> nn.Module:
+
     dtype = fq.settings.dtype
     if fq.activation:
         if dtype.bits < 8:
