@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantrain import PtqQuantizer, QATQuantizer
+from quantrain.config.presets import deployable_config_list
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 AGREEMENT = "ORT agrees with fake-quant"  # a row of top-1 agreement %, not of accuracy
@@ -167,19 +168,8 @@ def train(
 
 
 def quantrain_config(weight_bits: int, activation_bits: int) -> list[dict]:
-    """Each activation quantized once, where an integer engine would: the model's input, and every conv/linear
-    output (after the ReLU that ``fuse='auto'`` fuses into it); weights per output channel."""
-    activations = {"quant_dtype": f"uint{activation_bits}", "quant_scheme": "affine"}
-    weights = {"quant_dtype": f"int{weight_bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
-    return [
-        {"op_names": ["0"], "target_names": ["_input_"], **activations},
-        {
-            "op_types": ["Conv2d", "Linear"],
-            "target_names": ["weight", "_output_"],
-            **activations,
-            "target_settings": {"weight": weights},
-        },
-    ]
+    """Each activation quantized once, where an integer engine would; weights per output channel."""
+    return deployable_config_list(weight_bits, activation_bits)
 
 
 def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], seed: int, lr: float) -> nn.Module:

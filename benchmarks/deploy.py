@@ -29,6 +29,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from torch import nn
 
 from quantrain import Add, QATQuantizer, check_parity, export_onnx
+from quantrain.config.presets import deployable_config_list
 
 
 class BasicBlock(nn.Module):
@@ -70,18 +71,7 @@ CASES = {"mlp": (mlp, (256, 784)), "resnet": (resnet, (32, 3, 32, 32))}
 
 
 def config() -> list[dict]:
-    activations = {"quant_dtype": "uint8", "quant_scheme": "affine"}
-    weights = {"quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "out_channel"}
-    return [
-        {"op_names": ["0"], "target_names": ["_input_"], **activations},
-        {
-            "op_types": ["Conv2d", "Linear"],
-            "target_names": ["weight", "_output_"],
-            **activations,
-            "target_settings": {"weight": weights},
-        },
-        {"op_types": ["Add"], "target_names": ["_output_"], **activations},
-    ]
+    return deployable_config_list(8, 8, output_op_types=("Add",))
 
 
 class Batches(CalibrationDataReader):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantrain.config.presets import deployable_config_list
 from quantrain.evaluator import TorchEvaluator
 from quantrain.qat import QATQuantizer
 
@@ -85,19 +86,8 @@ def build_model() -> nn.Module:
 
 
 def demo_config_list(bits: int = 8) -> list[dict]:
-    """The exactly deployable layout: int<bits> symmetric weights per output channel; uint<bits> affine activations,
-    each quantized once (the model's input, and every conv/linear output, after the ReLU that fuse="auto" fuses)."""
-    activations = {"quant_dtype": f"uint{bits}", "quant_scheme": "affine"}
-    weights = {"quant_dtype": f"int{bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
-    return [
-        {"op_names": ["0"], "target_names": ["_input_"], **activations},
-        {
-            "op_types": ["Conv2d", "Linear"],
-            "target_names": ["weight", "_output_"],
-            **activations,
-            "target_settings": {"weight": weights},
-        },
-    ]
+    """The exactly deployable layout (:func:`quantrain.config.presets.deployable_config_list`) at ``bits`` bits."""
+    return deployable_config_list(bits, bits)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -9,22 +9,16 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantrain import QATQuantizer, check_parity, export_onnx
+from quantrain.config.presets import deployable_config_list
 from quantrain.demo import build_model, load_digits
 from quantrain.deploy.export import propagate_quantization
 
 
-def _config(weight_bits=8, activation_dtype="uint8", activation_scheme="affine"):
-    activations = {"quant_dtype": activation_dtype, "quant_scheme": activation_scheme}
-    weights = {"quant_dtype": f"int{weight_bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
-    return [
-        {"op_names": ["0"], "target_names": ["_input_"], **activations},
-        {
-            "op_types": ["Conv2d", "Linear"],
-            "target_names": ["weight", "_output_"],
-            **activations,
-            "target_settings": {"weight": weights},
-        },
-    ]
+def _config(weight_bits=8, activation_dtype="uint8"):
+    config = deployable_config_list(weight_bits, 8)
+    for entry in config:
+        entry["quant_dtype"] = activation_dtype
+    return config
 
 
 def _train(model, x, y, steps=60):
