@@ -70,8 +70,8 @@ def mlp() -> nn.Module:
 CASES = {"mlp": (mlp, (256, 784)), "resnet": (resnet, (32, 3, 32, 32))}
 
 
-def config() -> list[dict]:
-    return deployable_config_list(8, 8, output_op_types=("Add",))
+def config(name: str) -> list[dict]:
+    return deployable_config_list(8, 8, output_op_types=("Add",) if name == "resnet" else ())
 
 
 class Batches(CalibrationDataReader):
@@ -113,7 +113,8 @@ def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> dict[str
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
-    quantizer = QATQuantizer(model, config(), fuse="auto")
+    quantizer = QATQuantizer(model, config(name), fuse="auto")
+
     for x in calibration:
         quantizer.track_forward(x)
     report = export_onnx(model.eval(), calibration[0], paths["quantrain"])
