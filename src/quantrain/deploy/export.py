@@ -88,7 +88,8 @@ def export_onnx(
             module.fake_quant[target] = _export_module(fq, report)
     fold_remaining_batchnorms(export_model, report)
     with torch.no_grad():
-        export_model(*inputs)  # records each weight's integers
+        outputs = export_model(*inputs)  # records each weight's integers
+    count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     calls: list[str] = []
     for point in export_model.modules():
         if isinstance(point, ExportActivation):
@@ -96,8 +97,7 @@ def export_onnx(
     names = input_names or [f"input_{i}" for i in range(len(inputs))]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        outputs = export_model(*inputs)
-        count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+
         out_names = output_names or [f"output_{i}" for i in range(count)]
         axes = {name: {0: "batch"} for name in [*names, *out_names]} if dynamic_batch else None
         calls.clear()  # the export's own trace calls each point once, in graph order
