@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Iterator
@@ -125,12 +126,17 @@ class Quantizer:
         """Run one no-grad forward that tracks ranges, whatever the model's mode, so every buffer has its shape
         (call it before wrapping the model in DistributedDataParallel)."""
         self._check_wrapped()
+        with self._calibrating(), torch.no_grad():
+            self.bound_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _calibrating(self) -> Iterator[None]:
+        """Inside the block, every quantizer tracks ranges whatever its module's training mode."""
         quantizers = list(self.fake_quantizers())
         for fq in quantizers:
             fq.calibrating = True
         try:
-            with torch.no_grad():
-                self.bound_model(*args, **kwargs)
+            yield
         finally:
             for fq in quantizers:
                 fq.calibrating = False

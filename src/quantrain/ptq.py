@@ -95,17 +95,6 @@ class PtqQuantizer(Quantizer):
         self.is_compressed = True
         return self.bound_model, self.get_calibration_config()
 
-    @contextlib.contextmanager
-    def _calibrating(self) -> Iterator[None]:
-        quantizers = list(self.fake_quantizers())
-        for fq in quantizers:
-            fq.calibrating = True
-        try:
-            yield
-        finally:
-            for fq in quantizers:
-                fq.calibrating = False
-
 
 @contextlib.contextmanager
 def _nothing_trained(model: nn.Module, evaluator: Evaluator) -> Iterator[None]:
