@@ -168,8 +168,8 @@ def train(
 
 
 def quantrain_config(weight_bits: int, activation_bits: int) -> list[dict]:
-    """Each activation quantized once, where an integer engine would; weights per output channel."""
-    return deployable_config_list(weight_bits, activation_bits)
+    """Each activation quantized once, where an integer engine would (the pooled output too); weights per channel."""
+    return deployable_config_list(weight_bits, activation_bits, output_op_types=("AdaptiveAvgPool2d",))
 
 
 def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], seed: int, lr: float) -> nn.Module:

@@ -26,52 +26,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from torch import nn
 
-from quantrain import Add, QATQuantizer, check_parity, export_onnx
+from quantrain import QATQuantizer, check_parity, export_onnx
 from quantrain.config.presets import deployable_config_list
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.add = Add()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.relu1(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.relu2(self.add(y, self.shortcut(x)))
-
-
-def resnet() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        BasicBlock(32, 32, 1),
-        BasicBlock(32, 64, 2),
-        BasicBlock(64, 128, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, 10),
-    )
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared models next to this script
+from models import mlp, resnet
 
 CASES = {"mlp": (mlp, (256, 784)), "resnet": (resnet, (32, 3, 32, 32))}
 
 
 def config(name: str) -> list[dict]:
-    return deployable_config_list(8, 8, output_op_types=("Add",) if name == "resnet" else ())
+    return deployable_config_list(8, 8, output_op_types=("Add", "AdaptiveAvgPool2d") if name == "resnet" else ())
 
 
 class Batches(CalibrationDataReader):

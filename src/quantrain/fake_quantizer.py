@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from quantrain.config.settings import GranularityKind, TargetSettings
 from quantrain.observer import RangeObserver, RangeTracking, resize_buffers_for_load
 from quantrain.ops.fake_quant import quantize_dequantize
-from quantrain.ops.qparams import calculate_qparams
+from quantrain.ops.qparams import calculate_qparams, symmetric_scale, symmetric_zero_point
 
 __all__ = ["FakeQuantizer"]
 
@@ -75,6 +75,9 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.uint8, device=device))
         self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8, device=device))
         self.register_buffer("fake_quant_enabled", torch.zeros((), dtype=torch.uint8, device=device))
+        self._symmetric = settings.scheme.value == "symmetric"
+        # Symmetric signed types have zero point 0: the forward then skips adding and subtracting it.
+        self._zero_free = self._symmetric and symmetric_zero_point(settings.qmin, settings.qmax) == 0
         self._refresh_mirrors()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,7 +89,8 @@ class FakeQuantizer(nn.Module):
             if self._fake_quant:
                 self.update_qparams()
         if self._fake_quant and self._calibrated:
-            return quantize_dequantize(x, self.scale, self.zero_point, self.settings.qmin, self.settings.qmax, blocks)
+            zero_point = None if self._zero_free else self.zero_point
+            return quantize_dequantize(x, self.scale, zero_point, self.settings.qmin, self.settings.qmax, blocks)
         return x
 
     @torch.no_grad()
@@ -94,12 +98,20 @@ class FakeQuantizer(nn.Module):
         """Recompute ``scale`` and ``zero_point`` from the tracked range (no-op before the first batch)."""
         if not self.observer.is_seeded:
             return
-        symmetric = self.settings.scheme.value == "symmetric"
-        scale, zero_point = calculate_qparams(
-            self.observer.tracked_min, self.observer.tracked_max, self.settings.qmin, self.settings.qmax, symmetric=symmetric
-        )
-        self.scale.resize_(scale.shape).copy_(scale)
-        self.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        tracked_min, tracked_max = self.observer.tracked_min, self.observer.tracked_max
+        qmin, qmax = self.settings.qmin, self.settings.qmax
+        if self.scale.shape != tracked_min.shape:
+            self.scale.resize_(tracked_min.shape)
+            self.zero_point.resize_(tracked_min.shape)
+        if self._symmetric:  # the zero point is a constant: written once
+            self.scale.copy_(symmetric_scale(tracked_min, tracked_max, qmin, qmax))
+            if not self._calibrated:
+                self.zero_point.fill_(symmetric_zero_point(qmin, qmax))
+
+        else:
+            scale, zero_point = calculate_qparams(tracked_min, tracked_max, qmin, qmax, symmetric=False)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
         if not self._calibrated:
             self.calibrated.fill_(1)
             self._calibrated = True

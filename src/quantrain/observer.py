@@ -24,7 +24,7 @@ import enum
 import torch
 from torch import Tensor, nn
 
-from quantrain.ops.ranges import ema_update, min_max
+from quantrain.ops.ranges import ema_update_, min_max
 
 __all__ = ["RangeObserver", "RangeTracking", "resize_buffers_for_load"]
 
@@ -82,13 +82,14 @@ class RangeObserver(nn.Module):
                 f"the tensor's channels or blocks differ from the first batch (shape {tuple(x.shape)})"
             )
         if self.tracking is RangeTracking.MOVING_AVERAGE:
-            current_min = ema_update(self.tracked_min, current_min, self.decay)
-            current_max = ema_update(self.tracked_max, current_max, self.decay)
+            ema_update_(self.tracked_min, current_min, self.decay)
+            ema_update_(self.tracked_max, current_max, self.decay)
         elif self.tracking is RangeTracking.RUNNING_EXTREMES:
-            current_min = torch.minimum(self.tracked_min, current_min)
-            current_max = torch.maximum(self.tracked_max, current_max)
-        self.tracked_min.copy_(current_min)
-        self.tracked_max.copy_(current_max)
+            torch.minimum(self.tracked_min, current_min, out=self.tracked_min)
+            torch.maximum(self.tracked_max, current_max, out=self.tracked_max)
+        else:
+            self.tracked_min.copy_(current_min)
+            self.tracked_max.copy_(current_max)
 
     @property
     def is_seeded(self) -> bool:

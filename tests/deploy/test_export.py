@@ -79,6 +79,9 @@ def test_the_file_is_a_valid_qdq_model_with_int8_weights(exported):
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = [{**constants, **initializers}[n.input[0]] for n in weight_dqs]
     assert all(w.dtype == np.int8 and w.min() >= -127 for w in weights)
+    read = {name for node in model.graph.node for name in node.input}
+    assert set(initializers) <= read and set(constants) <= read  # the folded-away float weights and BN are gone
+    assert not any(w.dtype == np.float32 and w.ndim > 1 for w in initializers.values())
 
 
 def test_onnx_runtime_runs_it_with_integer_kernels(exported, tmp_path):

@@ -116,6 +116,7 @@ def export_onnx(
     name_quantization_points(graph_model.graph, calls)
     fold_constants(graph_model)
     drop_idle_relus(graph_model.graph)
+    prune_unused(graph_model.graph)
     for node in propagate_quantization(graph_model.graph):
         if node.op_type in REQUANTIZE_AFTER:
             report.notes.append(
@@ -236,6 +237,27 @@ def fold_constants(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return folded
+
+
+def prune_unused(graph: onnx.GraphProto) -> int:
+    """Remove initializers and ``Constant`` nodes that no node or graph output reads (e.g. the float weights and
+    BatchNorm parameters that :func:`fold_constants` replaced); returns how many were removed."""
+    removed = 0
+    while True:
+        read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+        unused = [init for init in graph.initializer if init.name not in read]
+        idle = [n for n in graph.node if n.op_type == "Constant" and not any(out in read for out in n.output)]
+        if not unused and not idle:
+            return removed
+        stale = {init.name for init in unused}
+        for init in unused:
+            graph.initializer.remove(init)
+        for value in [v for v in graph.input if v.name in stale]:  # initializers listed as inputs (old IR)
+            graph.input.remove(value)
+
+        for node in idle:
+            graph.node.remove(node)
+        removed += len(unused) + len(idle)
 
 
 def name_quantization_points(graph: onnx.GraphProto, labels: list[str]) -> bool:

@@ -3,8 +3,12 @@
 ``IntegerModel(path)`` reads the graph once and compiles it into integer steps: 8-bit activations (held in int32
 tensors), int8 weights, int32 accumulators and biases (``round(b / (s_in * s_w))``), and requantization by a
 fixed-point multiplier and shift (``M = s_in * s_w / s_out``). ReLU and Clip become clamps in the integer domain.
+Average pools sum ``q - zp_in`` over each window in int32 and fold the window's size into the multiplier:
+``q_out = zp_out + requantize(sum, M = s_in / (s_out * count))``, with ``count = kh * kw`` for AveragePool and
+``count = H * W``, taken from the input's shape on each call, for GlobalAveragePool.
 Floating point is used only where the model meets the outside world: quantizing its inputs and dequantizing its
-outputs, and, at compile time, to derive the integer multipliers and biases.
+outputs, and, at compile time, to derive the integer multipliers and biases (GlobalAveragePool's multiplier once
+per input size, on the first call that meets it).
 
 Supported: QuantizeLinear/DequantizeLinear, Conv (2-D), Gemm, MatMul, Relu, Clip, Add, MaxPool, AveragePool,
 GlobalAveragePool, Flatten, Reshape, Identity. Anything else, or a float tensor reaching a kernel, raises
@@ -46,6 +50,7 @@ class _Accumulator:
     axis: int
     low: float = -np.inf  # real-valued clamps from a following ReLU/Clip
     high: float = np.inf
+    count_of: str | None = None  # a tensor whose H * W, known only when running, also divides ``scale``
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,8 @@ class IntegerModel:
         source = self._meta.get(node.input[0])
         if source == "float":  # the model's input: the one place a float is quantized
             self._add(node, lambda x: torch.clamp(torch.round(x / scale) + zp, low, high).to(torch.int32), (node.input[0],), out)
+        elif isinstance(source, _Accumulator) and source.count_of is not None:
+            self._add(node, self._counted_requantizer(source, out), (node.input[0], source.count_of), out)
         elif isinstance(source, _Accumulator):
             self._add(node, self._requantizer(source, out), (node.input[0],), out)
         elif isinstance(source, _Quantized):
@@ -197,6 +204,19 @@ class IntegerModel:
                 view[acc.axis] = -1
             scaled = requantize(values, m0.reshape(view), shift.reshape(view))
             return torch.clamp(scaled + out.zero_point, low, high).to(torch.int32)
+
+        return fn
+
+    def _counted_requantizer(self, acc: _Accumulator, out: _Quantized) -> Callable[[Tensor, Tensor], Tensor]:
+        """Requantize a sum over each whole plane of ``acc.count_of``: ``M = acc.scale / (H * W) / out.scale``, the
+        plane's size read from that tensor's shape on each call (one integer multiplier per size, then cached)."""
+        by_count: dict[int, Callable[[Tensor], Tensor]] = {}
+
+        def fn(values: Tensor, summed: Tensor) -> Tensor:
+            count = int(summed.shape[-2]) * int(summed.shape[-1])
+            if count not in by_count:
+                by_count[count] = self._requantizer(replace(acc, scale=acc.scale / count, count_of=None), out)
+            return by_count[count](values)
 
         return fn
 
@@ -312,8 +332,14 @@ class IntegerModel:
         )
 
     def _compile_GlobalAveragePool(self, node, attrs) -> None:
-        raise ValueError(
-            f"{self.path}: node {node.name!r}: GlobalAveragePool needs the input size; export with a fixed AveragePool instead"
+        """``acc = sum over H, W of (q - zp_in)`` (shape N, C, 1, 1); the following QuantizeLinear requantizes it with
+        ``M = s_in / (s_out * H * W)``, H * W taken from the input's shape when running."""
+        q = self._quantized(node, node.input[0])
+        self._add(
+            node,
+            lambda v: kernels.global_sum2d(v - q.zero_point),
+            (node.input[0],),
+            _Accumulator(np.array([q.scale]), axis=1, count_of=node.input[0]),
         )
 
     def _reshaped(self, node, shape_of: Callable[[Tensor], tuple[int, ...]]) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_integer", "conv2d", "matmul", "max_pool2d", "window_sum2d"]
+__all__ = ["check_integer", "conv2d", "global_sum2d", "matmul", "max_pool2d", "window_sum2d"]
 
 INT32_LIMIT = 2**31 - 1
 
@@ -72,3 +72,15 @@ def window_sum2d(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     top, left, bottom, right = pads
     x = F.pad(x, (left, right, top, bottom), value=0)
     return x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).sum(dim=(-1, -2), dtype=torch.int32)
+
+
+def global_sum2d(x: Tensor) -> Tensor:
+    """``acc[n, c, 0, 0] = sum over h, w of x[n, c, h, w]``: the whole plane summed, as int32, shape (N, C, 1, 1).
+    Summed in int64 first, so that a plane too large for an int32 accumulator raises instead of wrapping."""
+    check_integer(x)
+    acc = x.sum(dim=(-1, -2), keepdim=True, dtype=torch.int64)
+    if acc.numel() and int(acc.abs().max()) > INT32_LIMIT:
+        raise OverflowError(
+            f"an int32 accumulator overflows: a sum of {x.shape[-2] * x.shape[-1]} values reaches {int(acc.abs().max())}"
+        )
+    return acc.to(torch.int32)

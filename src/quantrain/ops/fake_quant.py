@@ -5,7 +5,13 @@
     d x_hat / d x = 1 where qmin <= t <= qmax, else 0
 
 No gradient flows to ``scale`` or ``zero_point``. ``round`` is half-to-even. The arithmetic runs in the promoted
-dtype of ``x`` and ``scale`` (float32 for half-precision inputs); the result has ``x``'s dtype.
+dtype of ``x`` and ``scale`` (float32 for half-precision inputs); the result has ``x``'s dtype. A ``zero_point`` of
+``None`` means 0 (symmetric signed types), and skips the two additions.
+
+Cost: one division, clamp, comparison, rounding and multiplication, each a single vectorized pass writing into the
+same buffer, and one multiplication in the backward pass. (PyTorch's own ``fake_quantize_per_*_affine`` kernels are
+not used: on CPU they are slower than these passes, they multiply by ``1 / scale`` instead of dividing, and their
+gradient mask tests the rounded value, so their numbers differ from the reference's.)
 
 >>> import torch
 >>> x = torch.tensor([-1.0, 0.26, 0.3, 5.0], requires_grad=True)
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from quantrain.ops.ranges import block_layout
 
@@ -30,26 +37,41 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     """Quantize-dequantize forward; gradient masked to the unclamped region (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
         # Compute on the float32 grid of the stored scale: a 0-dim scale would otherwise be cast down to
         # x's dtype by type promotion (float16/bfloat16), giving other levels than a per-channel scale.
-        t = x.to(torch.promote_types(x.dtype, scale.dtype)) / scale + zero_point
-        ctx.save_for_backward((t >= qmin) & (t <= qmax))
-        return ((torch.clamp(t, qmin, qmax).round_() - zero_point) * scale).to(x.dtype)
+        work = x.to(torch.promote_types(x.dtype, scale.dtype))
+        # Broadcast views, not (C, 1)-shaped operands: PyTorch's CPU kernels divide by the latter several times slower.
+        scale = scale.expand_as(work)
+        t = torch.div(work, scale)
+        if zero_point is not None:
+            zero_point = zero_point.expand_as(work)
+            t.add_(zero_point)
+        q = torch.clamp(t, qmin, qmax)
+        ctx.save_for_backward(torch.eq(q, t, out=torch.empty_like(t, dtype=MASK_DTYPE)))  # qmin <= t <= qmax
+        q.round_()
+        if zero_point is not None:
+            q.sub_(zero_point)
+        return q.mul_(scale).to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: Tensor):
         (inside,) = ctx.saved_tensors
         return grad_output * inside, None, None, None, None
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+MASK_DTYPE = torch.bool
+"""The saved gradient mask's dtype: one byte per element."""
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
     """Quantize-dequantize ``x`` with ``scale``/``zero_point`` broadcastable to it (see module docstring)."""
     return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax)
 
 
 def quantize_dequantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, blocks: tuple[int, ...] | None
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, blocks: tuple[int, ...] | None
 ) -> Tensor:
     """:func:`fake_quantize` with one scale per block of ``blocks`` (``None``: one for the whole tensor)."""
     if blocks is None or scale.dim() == 0:
@@ -58,5 +80,6 @@ def quantize_dequantize(
     if all(n == 1 or size == 1 for n, size in zip(counts, split[1::2], strict=True)):
         return fake_quantize(x, scale, zero_point, qmin, qmax)  # per-axis: the range shape already broadcasts
     expanded = [n if i % 2 == 0 else 1 for i, n in enumerate(split)]
-    out = fake_quantize(x.reshape(split), scale.reshape(expanded), zero_point.reshape(expanded), qmin, qmax)
+    zero_point = None if zero_point is None else zero_point.reshape(expanded)
+    out = fake_quantize(x.reshape(split), scale.reshape(expanded), zero_point, qmin, qmax)
     return out.reshape(x.shape)

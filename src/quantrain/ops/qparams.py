@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["calculate_qparams"]
+__all__ = ["calculate_qparams", "symmetric_scale", "symmetric_zero_point"]
+
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -29,13 +30,22 @@ def calculate_qparams(
     tracked_min: Tensor, tracked_max: Tensor, qmin: int, qmax: int, *, symmetric: bool
 ) -> tuple[Tensor, Tensor]:
     """Return ``(scale, zero_point)`` shaped like ``tracked_min``; the zero point is a float tensor."""
+    if symmetric:
+        scale = symmetric_scale(tracked_min, tracked_max, qmin, qmax)
+        return scale, torch.full_like(scale, float(symmetric_zero_point(qmin, qmax)))
     lo = torch.clamp(tracked_min, max=0.0)
     hi = torch.clamp(tracked_max, min=0.0)
-    if symmetric:
-        scale = torch.maximum(lo.abs(), hi.abs()) / (float(qmax - qmin) / 2)
-        scale = torch.clamp(scale, min=EPS)
-        zero_point = torch.full_like(scale, float((qmax + qmin + 1) // 2))
-    else:
-        scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
-        zero_point = qmin - torch.round(lo / scale)
+    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
+    zero_point = qmin - torch.round(lo / scale)
     return scale, torch.clamp(zero_point, qmin, qmax)
+
+
+def symmetric_scale(tracked_min: Tensor, tracked_max: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``max(|min(lo, 0)|, |max(hi, 0)|) / ((qmax - qmin) / 2)``, floored at eps, computed as
+    ``max(-lo, hi) / ((qmax - qmin) / 2)`` floored at eps (the same numbers in four operations)."""
+    return torch.clamp(torch.maximum(torch.neg(tracked_min), tracked_max) / (float(qmax - qmin) / 2), min=EPS)
+
+
+def symmetric_zero_point(qmin: int, qmax: int) -> int:
+    """The constant zero point of a symmetric range: ``(qmax + qmin + 1) // 2`` (0 for signed types)."""
+    return min(max((qmax + qmin + 1) // 2, qmin), qmax)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from quantrain.config.settings import WHOLE
 
-__all__ = ["WHOLE", "block_layout", "ema_update", "min_max"]
+__all__ = ["WHOLE", "block_layout", "ema_update", "ema_update_", "min_max"]
 
 
 def block_layout(shape: tuple[int, ...] | torch.Size, blocks: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -55,3 +55,8 @@ def min_max(x: Tensor, blocks: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
 def ema_update(average: Tensor, current: Tensor, decay: float) -> Tensor:
     """``average * decay + (1 - decay) * current``, evaluated in that order (bit-exact with the reference)."""
     return average * decay + (1 - decay) * current
+
+
+def ema_update_(average: Tensor, current: Tensor, decay: float) -> Tensor:
+    """:func:`ema_update` written into ``average`` (the same three roundings); ``current`` is overwritten."""
+    return average.mul_(decay).add_(current.mul_(1 - decay))
