@@ -176,7 +176,13 @@ def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], se
     steps = len(data.y_train) // data.batch_size
     freeze = steps * 4 // 5
     QATQuantizer(
-        model, quantrain_config(*bits), fuse="auto", weight_range="minmax", freeze_bn_step=freeze, freeze_range_step=freeze
+        model,
+        quantrain_config(*bits),
+        fuse="auto",
+        weight_range="minmax",
+        freeze_bn_step=freeze,
+        freeze_range_step=freeze,
+        integer_bias=True,
     )
     train(model, data, 1, lr, seed)
     return model
@@ -185,7 +191,8 @@ def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], se
 def run_quantrain_ptq(
     model: nn.Module, data: Dataset, bits: tuple[int, int], seed: int, calibration_batches: int = 32
 ) -> nn.Module:
-    ptq = PtqQuantizer(model, quantrain_config(*bits), fuse="auto")
+    ptq = PtqQuantizer(model, quantrain_config(*bits), fuse="auto", integer_bias=True)
+
     model.eval()
     for index, (x, _) in enumerate(batches(data.x_train, data.y_train, data.batch_size, seed)):
         if index == calibration_batches:

@@ -79,7 +79,7 @@ def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> dict[str
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
-    quantizer = QATQuantizer(model, config(name), fuse="auto")
+    quantizer = QATQuantizer(model, config(name), fuse="auto", integer_bias=True)
 
     for x in calibration:
         quantizer.track_forward(x)

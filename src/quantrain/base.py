@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quantrain.calibration import CalibrationConfig
+from quantrain.config.bias import plan_bias_sources
 from quantrain.config.fusion import plan_fusions
 from quantrain.config.parse import parse_config_list
 from quantrain.config.resolve import ModulePlan, TargetKind, resolve
@@ -21,7 +23,7 @@ from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.observer import RangeTracking
 from quantrain.wrapping.fusion import Fusion, fold_parameters
 from quantrain.wrapping.model import OWNED_CHILDREN, check_wrappable, unwrap, wrap
-from quantrain.wrapping.quantized_module import FUSION_NAME
+from quantrain.wrapping.quantized_module import FUSION_NAME, link_integer_bias
 
 __all__ = ["FUSE_MODES", "STEP_BUFFER", "Quantizer"]
 
@@ -37,17 +39,35 @@ class Quantizer:
     """
 
     def __init__(
-        self, model: nn.Module, config_list: list[dict[str, Any]], evaluator: Evaluator | None = None, *, fuse: str | None = None
+        self,
+        model: nn.Module,
+        config_list: list[dict[str, Any]],
+        evaluator: Evaluator | None = None,
+        *,
+        fuse: str | None = None,
+        integer_bias: bool = False,
     ) -> None:
         plans = self._plan(model, config_list, evaluator, fuse)
+        _check_flag("integer_bias", integer_bias)
+        bias_sources, float_biases = plan_bias_sources(model, plans) if integer_bias else ((), ())
         if evaluator is not None:
             evaluator.bind_model(model)
         self.bound_model = model
         self.evaluator = evaluator
         self.fuse = fuse
+        self.integer_bias = integer_bias
         self._current_step = 0
         device = _device_of(model)
         self._modules = wrap(model, plans, self._tracking, device)
+        for source in bias_sources:
+            link_integer_bias(self._modules[source.module], self._modules[source.source].fake_quant[source.target])
+        if float_biases:
+            warnings.warn(
+                f"integer_bias: the input of {', '.join(float_biases)} is not known to come from a per-tensor "
+                "activation quantizer (give the layer an '_input_' target, or quantize the output of the module "
+                "before it), so its bias stays float",
+                stacklevel=3,
+            )
         model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64, device=device))
         self._param_ids = frozenset(id(p) for p in model.parameters())
         self._optimizer: weakref.ref | None = None
@@ -209,6 +229,11 @@ def _calibration_entry(fq: FakeQuantizer) -> dict[str, Any]:
         "tracked_min": _cpu(fq.observer.tracked_min),
         "tracked_max": _cpu(fq.observer.tracked_max),
     }
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_budget(max_steps: Any, max_epochs: Any, *, required: bool) -> None:

@@ -178,9 +178,12 @@ def run_demo(
         evaluating_func=lambda m: accuracy(m, x_test, y_test),
     )
     # fuse="auto" folds each BatchNorm (and the ReLU after it) into its convolution, as an integer engine runs it;
-    # BatchNorm statistics freeze for the last fifth of QAT, so the end of training sees the deployed arithmetic.
+    # BatchNorm statistics freeze for the last fifth of QAT, so the end of training sees the deployed arithmetic;
+    # integer_bias adds each bias on the int32 grid ONNX Runtime uses, so the exported model computes the same logits.
     steps = qat_epochs * -(-len(y_train) // BATCH_SIZE)
-    quantizer = QATQuantizer(model, demo_config_list(bits), evaluator, fuse="auto", freeze_bn_step=steps * 4 // 5)
+    quantizer = QATQuantizer(
+        model, demo_config_list(bits), evaluator, fuse="auto", freeze_bn_step=steps * 4 // 5, integer_bias=True
+    )
 
     _, calibration_config = quantizer.compress(max_steps=None, max_epochs=qat_epochs)
     qat_seconds = time.perf_counter() - start

@@ -49,12 +49,20 @@ class PtqQuantizer(Quantizer):
         config_list: as for :class:`~quantrain.QATQuantizer`.
         evaluator: optional data source for :meth:`compress`.
         fuse: ``None`` or ``'auto'``, as for :class:`~quantrain.QATQuantizer`.
+        integer_bias: as for :class:`~quantrain.QATQuantizer`.
     """
 
     def __init__(
-        self, model: nn.Module, config_list: list[dict[str, Any]], evaluator: Evaluator | None = None, *, fuse: str | None = None
+        self,
+        model: nn.Module,
+        config_list: list[dict[str, Any]],
+        evaluator: Evaluator | None = None,
+        *,
+        fuse: str | None = None,
+        integer_bias: bool = False,
     ) -> None:
-        super().__init__(model, config_list, evaluator, fuse=fuse)
+        super().__init__(model, config_list, evaluator, fuse=fuse, integer_bias=integer_bias)
+
         self.is_compressed = False
         for fusion in self.fusions():
             fusion.freeze_bn(True)

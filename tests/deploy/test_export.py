@@ -107,7 +107,25 @@ def test_parity_on_the_digits_test_set(trained, exported, digits):
     assert "top-1 agreement" in str(report)
 
 
+def test_with_integer_bias_onnx_runtime_reproduces_the_fake_quant_outputs_exactly(digits, tmp_path):
+    """The float bias is the one difference left between fake quantization and ORT's int32 arithmetic (ORT rounds
+    it to the S_in * S_w grid); trained and evaluated on that grid, the model's logits equal ORT's bit for bit."""
+    torch.manual_seed(0)
+    x_train, y_train, x_test, _ = digits
+    model = _train(build_model(), x_train, y_train)
+    QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40, integer_bias=True)
+    _train(model, x_train, y_train)
+    export_onnx(model, x_test[:2], tmp_path / "m.onnx")
+    produced = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_0": x_test.numpy()}
+    )[0]
+    with torch.no_grad():
+        expected = model.eval()(x_test).numpy()
+    assert np.array_equal(produced, expected)
+
+
 def test_the_batch_dimension_is_dynamic(exported, digits):
+
     path, _ = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 7):

@@ -269,3 +269,21 @@ def test_block_scales_are_not_interchangeable():
     # 0.3/1 -> 0 ; 0.3/.5=.6 -> 1 -> .5 ; 0.3/.25=1.2 -> 1 -> .25 ; 0.3/.0625=4.8 -> 5 -> .3125
     expected = torch.tensor([[0.0] * 3 + [0.5] * 3] * 2 + [[0.25] * 3 + [0.3125] * 3] * 2)
     assert torch.equal(out, expected)
+
+
+def test_integer_bias_rounds_to_the_input_times_weight_scale_grid():
+    """Steps 0.5 * [0.5, 0.25] = [0.25, 0.125]: 0.3 -> 1 step = 0.25; -0.7 -> -5.6 -> -6 steps = -0.75."""
+    from quantrain.ops.fake_quant import integer_bias
+
+    bias = torch.tensor([0.3, -0.7], requires_grad=True)
+    out = integer_bias(bias, torch.tensor(0.5), torch.tensor([[0.5], [0.25]]))
+    assert out.tolist() == [0.25, -0.75]
+    (out * torch.tensor([2.0, 3.0])).sum().backward()
+    assert bias.grad.tolist() == [2.0, 3.0]  # straight through
+
+
+def test_integer_bias_saturates_at_the_int32_range():
+    from quantrain.ops.fake_quant import INT32_MAX, INT32_MIN, integer_bias
+
+    out = integer_bias(torch.tensor([1e12, -1e12, 3.0]), torch.tensor(1.0), torch.tensor(1.0))
+    assert out.tolist() == [float(INT32_MAX + 1), float(INT32_MIN), 3.0]  # 2^31 - 1 is 2^31 in float32

@@ -30,7 +30,9 @@ from torch.autograd.function import once_differentiable
 
 from quantrain.ops.ranges import block_layout
 
-__all__ = ["fake_quantize", "quantize_dequantize"]
+__all__ = ["INT32_MAX", "INT32_MIN", "fake_quantize", "integer_bias", "quantize_dequantize"]
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -83,3 +85,18 @@ def quantize_dequantize(
     zero_point = None if zero_point is None else zero_point.reshape(expanded)
     out = fake_quantize(x.reshape(split), scale.reshape(expanded), zero_point, qmin, qmax)
     return out.reshape(x.shape)
+
+
+def integer_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """The bias an integer engine adds to its int32 accumulator, in real units, with a straight-through gradient.
+
+    ``b_hat = clamp(round(b / (S_in * S_w)), -2^31, 2^31 - 1) * S_in * S_w`` with ``S_in`` the (per tensor) input
+    scale and ``S_w`` the weight's scale, per tensor or one per output channel (any shape with that many elements).
+
+    >>> integer_bias(torch.tensor([0.3, -0.7]), torch.tensor(0.5), torch.tensor([0.5, 0.25])).tolist()
+    [0.25, -0.75]
+
+    """
+    step = input_scale * weight_scale.reshape(-1)
+    rounded = torch.clamp(torch.round(bias / step), INT32_MIN, INT32_MAX) * step
+    return bias + (rounded - bias).detach()

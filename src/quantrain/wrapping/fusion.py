@@ -79,8 +79,7 @@ class Fusion(nn.Module):
 
     def fused_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.bn is None:
-            quantized = {name: module.fake_quant[name](module._parameters[name]) for name in module._quant_params}
-            output = module.float_forward(quantized, *args, **kwargs)
+            output = module.float_forward(module.quantized_parameters(), *args, **kwargs)
         else:
             output = self._folded_forward(module, *args, **kwargs)
         return output if self.activation is None else ACTIVATIONS[self.activation](output)
@@ -88,7 +87,8 @@ class Fusion(nn.Module):
     def _folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         bn, fake_quant = self.bn, module.fake_quant
         quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
-        quantize_bias = fake_quant["bias"] if "bias" in fake_quant else _identity  # noqa: SIM401
+        quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
+
         if not (bn.training and not self._bn_frozen):
             weight, bias = fold_parameters(module.weight, module.bias, bn)
             return module.float_forward({"weight": quantize_weight(weight), "bias": quantize_bias(bias)}, *args, **kwargs)

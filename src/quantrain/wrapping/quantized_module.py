@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from quantrain.config.resolve import ModulePlan, TargetKind, TargetPlan
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.observer import RangeTracking
+from quantrain.ops.fake_quant import integer_bias
 from quantrain.ops.ranges import block_layout
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 from quantrain.wrapping.forwards import FLOAT_FORWARDS, substituted_parameters
 
-__all__ = ["CHILD_NAME", "QuantizedModule", "attach", "detach", "is_quantized", "quantized_class"]
+__all__ = ["CHILD_NAME", "QuantizedModule", "attach", "detach", "is_quantized", "link_integer_bias", "quantized_class"]
 
 CHILD_NAME = "fake_quant"
 FUSION_NAME = "fusion"
@@ -42,6 +43,7 @@ class QuantizedModule(DerivedModule):
     _quant_params: tuple[str, ...]
     _quant_inputs: tuple[tuple[str, int | None, str | None], ...]
     _quant_outputs: tuple[tuple[str, int | str], ...]
+    _bias_scales: tuple[FakeQuantizer, FakeQuantizer] | None = None  # (input, weight) quantizers: see integer_bias
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         fake_quant = self.fake_quant
@@ -49,8 +51,7 @@ class QuantizedModule(DerivedModule):
             args, kwargs = _quantize_inputs(fake_quant, self._quant_inputs, args, kwargs)
         fusion = self._modules.get(FUSION_NAME)
         if fusion is None:
-            quantized = {name: fake_quant[name](self._parameters[name]) for name in self._quant_params}
-            output = self.float_forward(quantized, *args, **kwargs)
+            output = self.float_forward(self.quantized_parameters(), *args, **kwargs)
         else:
             output = fusion.fused_forward(self, *args, **kwargs)
         if self._quant_outputs:
@@ -58,6 +59,26 @@ class QuantizedModule(DerivedModule):
         if fusion is not None:
             fusion.record(output)
         return output
+
+    def quantized_parameters(self) -> dict[str, Tensor]:
+        """Each quantized parameter fake-quantized, and the bias on the integer grid where that is enabled."""
+        params = {name: self.fake_quant[name](self._parameters[name]) for name in self._quant_params}
+        if self._bias_scales is not None and self._parameters.get("bias") is not None:
+            params["bias"] = self.integer_bias(self._parameters["bias"])
+        return params
+
+    def integer_bias(self, bias: Tensor) -> Tensor:
+        """``bias`` as the int32 bias of integer inference (scale ``S_in * S_w``), once both quantizers are live.
+
+        Unchanged unless the quantizer was created with ``integer_bias=True`` and found this layer's input
+        quantizer; call it after the weight has been fake-quantized in the same forward.
+        """
+        if self._bias_scales is None:
+            return bias
+        source, weight = self._bias_scales
+        if not (_live(source) and _live(weight)):
+            return bias
+        return integer_bias(bias, source.scale, weight.scale)
 
     def float_forward(self, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
         """The float class's forward, with ``params`` in place of the parameters of the same names."""
@@ -127,12 +148,22 @@ def detach(module: nn.Module) -> None:
         return
     del module._modules[CHILD_NAME]
     module._modules.pop(FUSION_NAME, None)
-    for attribute in ("_quant_params", "_quant_inputs", "_quant_outputs"):
+    for attribute in ("_quant_params", "_quant_inputs", "_quant_outputs", "_bias_scales"):
         module.__dict__.pop(attribute, None)
     restore_class(module)
 
 
+def link_integer_bias(module: QuantizedModule, source: FakeQuantizer) -> None:
+    """Make ``module`` round its bias to ``source.scale * weight scale`` (see :meth:`QuantizedModule.integer_bias`)."""
+    module.__dict__["_bias_scales"] = (source, module.fake_quant["weight"])
+
+
+def _live(fq: FakeQuantizer) -> bool:
+    return fq._fake_quant and fq.is_calibrated
+
+
 def _names(targets: tuple[TargetPlan, ...], kind: TargetKind) -> tuple[str, ...]:
+
     return tuple(t.name for t in targets if t.kind is kind)
 
 
