@@ -22,8 +22,10 @@ Methods (the columns):
 * ``nni``: NNI 3.0's QATQuantizer; skipped, with the reason printed, where ``nni`` is not importable (this benchmark
   has no NNI column yet even where it is);
 * with ``--compile``: ``float+compile`` and ``quantrain+compile``, the prepared model wrapped in ``torch.compile``
-  (default backend; quantrain's model gets one ``track_forward`` first, which seeds its range observers, or the
-  compiled graph breaks and recompiles). A compilation error is recorded in the JSON and printed, not raised.
+  (default backend), compiled fresh as a user would. While a folded BatchNorm is live (no ``freeze_bn_step`` here),
+  quantrain runs that layer eagerly inside the compiled model (a graph break per conv-BN layer; compiled, AOT autograd
+  would get its gradients wrong). A compilation error is recorded in the JSON and printed, not raised.
+
 
 Protocol: each (model, method) configuration lives in its own worker process (this script, run with ``--worker``),
 which sets its torch threads (``--threads``), builds its model from the same seed as the others, prepares it, runs
@@ -34,12 +36,33 @@ and gets back each step's wall time: ``time.perf_counter`` around zero_grad, for
 step. Reported: the median step time over all rounds and its ratio to (eager) ``float`` of the same model, both
 from the same run.
 
-Memory: each worker reads its resident set size (``/proc/self/statm``) once its model is prepared, just before the
-first training step, and its high-water mark (``getrusage``'s ``ru_maxrss``) after the last step. ``train peak MiB``
-is the difference: the most memory training ever added on top of the prepared model (gradients, optimizer state,
-the activations autograd saves, which under QAT include the fake-quantized tensors, allocator slack, and under
-``torch.compile`` the compiler's own memory). It is the process's RSS: whole pages, and memory freed but kept by the
-allocator still counts, so small models' numbers are mostly noise, and their ratios more so.
+Memory, two ways.
+
+* Deterministic, from the tensors themselves: the last warm-up step runs its forward and loss under
+  ``torch.autograd.graph.saved_tensors_hooks`` (:func:`saved_for_backward`); the step is otherwise the timed one.
+  ``saved MiB`` is the bytes of the tensors autograd keeps for backward at the end of that forward: each saved
+  tensor's untyped storage counted once (by its data pointer), ``untyped_storage().nbytes()``, only those still held
+  by the graph when the forward returns, and not the model's parameters' storages (views such as ``weight.t()``
+  included), which exist anyway, as much in float as under QAT. What QAT adds there: the fake-quantized copies a
+  layer saves in place of its weight (float32; its input's copy replaces the float input), the straight-through masks
+  (one bool per element of each fake-quantized tensor that needs a gradient), and what its extra ops keep (a fused
+  layer's ReLU module, applied again to the quantized output, keeps its own output). ``peak tensor MiB`` adds the
+  parameters, their gradients and the optimizer's state (SGD's momentum) after that step, each storage counted once:
+  a deterministic estimate of peak training memory (an upper bound of what these tensors need at once; the gradients
+  grow while backward frees the saved tensors), without buffers (running statistics, observers' ranges and qparams),
+  the backward's temporaries or the allocator. ``x float tensors`` is its ratio to ``float`` of the same model. The
+  JSON also has the bytes of each part (``tensor_bytes``) and the largest saved storages (``saved_top``: size, shape,
+  dtype, the ``grad_fn`` that made the tensor and the autograd nodes that keep it, from a walk of the graph). Under
+  ``torch.compile`` the hooks see what the compiled graph's autograd function saves (its partitioner decides what to
+  keep and what to recompute); if the measured step recompiles or breaks the graph (the hooks then changed what
+  runs), the numbers are null, with the reason in ``saved_note``; they are also null with ``--warmup 0`` (no step to
+  measure).
+* The process's: each worker reads its resident set size (``/proc/self/statm``) once its model is prepared, just
+  before the first training step, and its high-water mark (``getrusage``'s ``ru_maxrss``) after the last step.
+  ``RSS train peak MiB`` (``train_peak_mib`` in the JSON, its ratio ``x_float_memory``) is the difference: the most
+  memory training ever added on top of the prepared model (gradients, optimizer state, the saved activations,
+  allocator slack, and under ``torch.compile`` the compiler's own memory). It counts whole pages, and memory freed but
+  kept by the allocator, so small models' numbers are mostly noise, and their ratios more so.
 
     python benchmarks/step_overhead.py [--models mlp resnet digits] [--rounds 15] [--steps 10] [--threads 2]
         [--compile] [--json step_overhead.json]
@@ -58,8 +81,9 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -102,13 +126,11 @@ CASES = {
 
 @dataclass(frozen=True)
 class Prepared:
-    """A model ready to train, what its preparation made of it, what to report once training is done, and what to
-    run on a batch before ``torch.compile`` (see :func:`prepare_quantrain`)."""
+    """A model ready to train, what its preparation made of it, and what to report once training is done."""
 
     module: nn.Module
     counts: dict[str, int] = field(default_factory=dict)
     report: Callable[[], dict[str, Any]] = dict
-    before_compile: Callable[[torch.Tensor], None] = lambda x: None
 
 
 @dataclass(frozen=True)
@@ -125,6 +147,12 @@ class Row:
     peak_mib: float
     train_peak_mib: float
     x_float_memory: float | None
+    saved_mib: float | None
+    peak_tensor_mib: float | None
+    x_float_peak_tensor: float | None
+    tensor_bytes: dict[str, int] | None
+    saved_top: list[dict[str, Any]]
+    saved_note: str | None
     warmup_ms: list[float]
     prepared: dict[str, Any]
 
@@ -153,13 +181,10 @@ def prepare_quantrain(model: nn.Module, case: Case, per_tensor: bool = False) ->
         "fake_quantizers": sum(1 for _ in quantizer.fake_quantizers()),
         "folded_batchnorms": sum(1 for fusion in quantizer.fusions() if fusion.bn is not None),
     }
-    # Before torch.compile, one tracking forward seeds every range observer: a fresh observer sizes its buffers on its
-    # first batch (a Python flag and resize_), which breaks the graph and recompiles on the next step.
     return Prepared(
         model,
         counts,
         lambda: {"quantizer_steps": quantizer.current_step, "calibrated_modules": len(quantizer.get_calibration_config())},
-        quantizer.track_forward,
     )
 
 
@@ -232,6 +257,192 @@ def unavailable(method: str) -> str | None:
     return "NNI is importable, but this benchmark has no NNI column yet"
 
 
+# ---- a training step ----------------------------------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+# ---- the tensors autograd saves -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedStorage:
+    """One storage autograd keeps for backward: its size, the first tensor seen on it, and who keeps it."""
+
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+    made_by: str  # the saved tensor's grad_fn ("leaf": a tensor that requires grad; "no grad": data, masks)
+    saved_by: tuple[str, ...]  # "Node.attribute" of each autograd node holding it
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "mib": self.nbytes / 2**20, "shape": list(self.shape), "saved_by": list(self.saved_by)}
+
+
+class _Packed:
+    """What the pack hook hands autograd: the saved tensor, behind an object only the graph holds, so that a weak
+    reference to it says whether the graph still keeps the tensor."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def saved_by_nodes(root: Any) -> dict[int, list[str]]:
+    """Storage key -> ``"Node.attribute"`` of each node of the autograd graph under ``root`` that saves a tensor on
+    it (built-in nodes expose their saved tensors as ``_saved_<name>``, custom and compiled functions as
+    ``saved_tensors``)."""
+    names: dict[int, list[str]] = {}
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attribute in dir(node):
+            if not (attribute.startswith("_saved_") or attribute == "saved_tensors"):
+                continue
+            try:
+                value = getattr(node, attribute)
+            except Exception:  # a saved value that cannot be read back here
+                continue
+            values = value if isinstance(value, tuple | list) else (value,)
+            for index, tensor in enumerate(values):
+                if isinstance(tensor, torch.Tensor):
+                    label = attribute.removeprefix("_saved_") + (f"[{index}]" if len(values) > 1 else "")
+                    names.setdefault(storage_key(tensor), []).append(f"{type(node).__name__}.{label}")
+        stack.extend(child for child, _ in node.next_functions)
+    return names
+
+
+def saved_for_backward(
+    forward: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()
+) -> tuple[torch.Tensor, list[SavedStorage]]:
+    """Run ``forward`` (a forward and its loss) under saved-tensor hooks; return its result and the storages the
+    autograd graph keeps for backward once it has returned, largest first: each counted once (tensors sharing a
+    storage, such as ``weight`` and ``weight.t()``, are one), storages of ``exclude`` (the parameters) left out.
+    Tensors saved by nodes freed during the forward (a branch cut by ``detach``) are not counted."""
+    excluded = {storage_key(tensor) for tensor in exclude}
+    packed: list[tuple[weakref.ref, int, SavedStorage]] = []  # no references to the tensors: backward frees them
+
+    def pack(tensor: torch.Tensor) -> _Packed:
+        holder = _Packed(tensor)
+        grad_fn = tensor.grad_fn
+        made_by = type(grad_fn).__name__ if grad_fn is not None else "leaf" if tensor.requires_grad else "no grad"
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        storage = SavedStorage(tensor.untyped_storage().nbytes(), tuple(tensor.shape), dtype, made_by, ())
+        packed.append((weakref.ref(holder), storage_key(tensor), storage))
+        return holder
+
+    def unpack(holder: _Packed) -> torch.Tensor:
+        return holder.tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = forward()
+    saved_by = saved_by_nodes(out.grad_fn)
+    storages: dict[int, SavedStorage] = {}
+    for holder, key, storage in packed:
+        if holder() is not None and key not in excluded and key not in storages:
+            storages[key] = replace(storage, saved_by=tuple(saved_by.get(key, ())))
+    return out, sorted(storages.values(), key=lambda storage: -storage.nbytes)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
+    """Bytes of the storages of ``tensors`` not in ``seen`` (which gets them), each counted once."""
+    total = 0
+    for tensor in tensors:
+        key = storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def compile_counters() -> tuple[int, ...]:
+    """Frames compiled, graphs made and graph breaks so far: a step that changes them did not run what was timed."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"], counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+SAVED_TOP = 8  # the largest saved storages each JSON row lists
+
+
+@dataclass
+class Setup:
+    """One configuration ready to train: what :func:`train_step` and :func:`measured_step` run."""
+
+    prepared: Prepared
+    module: nn.Module  # prepared.module, or it compiled
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    compiled: bool
+
+
+def setup(model: str, method: str) -> Setup:
+    """Build ``model`` from the shared seed, prepare it for ``method`` (``+compile``: wrapped in torch.compile)."""
+    case = CASES[model]
+    base, compiled = method.removesuffix("+compile"), method.endswith("+compile")
+    torch.manual_seed(0)
+    built = case.build()
+    built.train()
+    prepared = PREPARE[base](built, case)
+    optimizer = torch.optim.SGD(prepared.module.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(case.shape, generator=generator)
+    y = torch.randint(0, 10, (case.shape[0],), generator=generator)
+    module = prepared.module
+    if compiled:
+        module = torch.compile(module)
+    return Setup(prepared, module, optimizer, x, y, compiled)
+
+
+def measured_step(s: Setup) -> tuple[float, dict[str, Any]]:
+    """One training step as :func:`train_step` (its time includes the measuring), with the forward and loss under
+    :func:`saved_for_backward`; returns the time and the tensor memory: ``saved_bytes``, ``tensor_bytes`` (saved,
+    parameters, gradients, optimizer state and their sum ``peak``), ``saved_top`` and ``saved_note``."""
+    parameters = list(s.prepared.module.parameters())
+    before = compile_counters() if s.compiled else None
+    start = time.perf_counter()
+    s.optimizer.zero_grad(set_to_none=True)
+    loss, saved = saved_for_backward(lambda: F.cross_entropy(s.module(s.x), s.y), parameters)
+    loss.backward()
+    s.optimizer.step()
+    seconds = time.perf_counter() - start
+    if s.compiled and compile_counters() != before:
+        note = "the step under saved_tensors_hooks recompiled or broke the compiled graph: not what is timed"
+        return seconds, {"saved_bytes": None, "tensor_bytes": None, "saved_top": [], "saved_note": note}
+    seen: set[int] = set()
+    parts = {
+        "saved": sum(storage.nbytes for storage in saved),  # disjoint from the rest: see saved_for_backward
+        "parameters": storage_bytes(parameters, seen),
+        "gradients": storage_bytes((p.grad for p in parameters if p.grad is not None), seen),
+        "optimizer_state": storage_bytes(
+            (t for state in s.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)), seen
+        ),
+    }
+    memory = {
+        "saved_bytes": parts["saved"],
+        "tensor_bytes": {**parts, "peak": sum(parts.values())},
+        "saved_top": [storage.as_json() for storage in saved[:SAVED_TOP]],
+        "saved_note": "compiled: what the compiled autograd function saves" if s.compiled else None,
+    }
+    return seconds, memory
+
+
 # ---- the worker ---------------------------------------------------------------------------------------------------
 
 
@@ -244,18 +455,10 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - start
-
-
 def worker(spec: dict[str, Any]) -> None:
-    """Build, prepare and warm up one configuration, then answer commands, one JSON line each, on stdout:
-    ``{"steps": k}`` -> ``{"times": [...]}`` (seconds); ``{"finish": true}`` -> the peak RSS and the method's report."""
+    """Build, prepare and warm up one configuration (measuring its saved tensors in the last warm-up step), then
+    answer commands, one JSON line each, on stdout: ``{"steps": k}`` -> ``{"times": [...]}`` (seconds);
+    ``{"finish": true}`` -> the peak RSS and the method's report."""
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else written to stdout goes to stderr
 
@@ -265,23 +468,15 @@ def worker(spec: dict[str, Any]) -> None:
     try:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(spec["threads"])
-        case = CASES[spec["model"]]
-        method, compiled = spec["method"].removesuffix("+compile"), spec["method"].endswith("+compile")
-        torch.manual_seed(0)
-        model = case.build()
-        model.train()
-        prepared = PREPARE[method](model, case)
-        optimizer = torch.optim.SGD(prepared.module.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-        generator = torch.Generator().manual_seed(1)
-        x = torch.randn(case.shape, generator=generator)
-        y = torch.randint(0, 10, (case.shape[0],), generator=generator)
-        module = prepared.module
-        if compiled:
-            prepared.before_compile(x)
-            module = torch.compile(module)
+        s = setup(spec["model"], spec["method"])
+        module, optimizer, x, y = s.module, s.optimizer, s.x, s.y
         baseline = resident_bytes()
-        warmup = [train_step(module, optimizer, x, y) for _ in range(spec["warmup"])]
-        send({"ready": True, "baseline_bytes": baseline, "warmup": warmup, "counts": prepared.counts})
+        warmup = [train_step(module, optimizer, x, y) for _ in range(spec["warmup"] - 1)]
+        memory = {"saved_bytes": None, "tensor_bytes": None, "saved_top": [], "saved_note": "--warmup 0: no step measured"}
+        if spec["warmup"] > 0:
+            seconds, memory = measured_step(s)
+            warmup.append(seconds)
+        send({"ready": True, "baseline_bytes": baseline, "warmup": warmup, "counts": s.prepared.counts, "memory": memory})
         for line in sys.stdin:
             command = json.loads(line)
             if "steps" in command:
@@ -289,7 +484,7 @@ def worker(spec: dict[str, Any]) -> None:
             else:
                 with torch.no_grad():
                     loss = F.cross_entropy(module(x), y).item()
-                send({"peak_bytes": peak_resident_bytes(), "report": {**prepared.report(), "final_loss": loss}})
+                send({"peak_bytes": peak_resident_bytes(), "report": {**s.prepared.report(), "final_loss": loss}})
                 return
     except Exception as error:
         send({"error": f"{type(error).__name__}: {error}".strip(), "traceback": traceback.format_exc()})
@@ -341,14 +536,17 @@ def rows_of(workers: list[Worker], ready: dict, finished: dict) -> list[Row]:
     for w in workers:
         if (w.model, w.method) in finished:
             train_peak = (finished[w.model, w.method]["peak_bytes"] - ready[w.model, w.method]["baseline_bytes"]) / mib
-            measured[w.model, w.method] = (statistics.median(w.times), train_peak)
+            tensor_bytes = ready[w.model, w.method]["memory"]["tensor_bytes"]
+            peak_tensor = None if tensor_bytes is None else tensor_bytes["peak"] / mib
+            measured[w.model, w.method] = (statistics.median(w.times), train_peak, peak_tensor)
     rows = []
     for w in workers:
         if (w.model, w.method) not in measured:
             continue
-        median, train_peak = measured[w.model, w.method]
-        float_median, float_peak = measured.get((w.model, "float"), (None, None))
+        median, train_peak, peak_tensor = measured[w.model, w.method]
+        float_median, float_peak, float_peak_tensor = measured.get((w.model, "float"), (None, None, None))
         start, end = ready[w.model, w.method], finished[w.model, w.method]
+        memory = start["memory"]
         rows.append(
             Row(
                 model=w.model,
@@ -363,6 +561,12 @@ def rows_of(workers: list[Worker], ready: dict, finished: dict) -> list[Row]:
                 peak_mib=end["peak_bytes"] / mib,
                 train_peak_mib=train_peak,
                 x_float_memory=ratio(train_peak, float_peak),
+                saved_mib=None if memory["saved_bytes"] is None else memory["saved_bytes"] / mib,
+                peak_tensor_mib=peak_tensor,
+                x_float_peak_tensor=None if peak_tensor is None else ratio(peak_tensor, float_peak_tensor),
+                tensor_bytes=memory["tensor_bytes"],
+                saved_top=memory["saved_top"],
+                saved_note=memory["saved_note"],
                 warmup_ms=[1000 * t for t in start["warmup"]],
                 prepared={**start["counts"], **end["report"]},
             )
@@ -374,10 +578,18 @@ def format_table(rows: list[Row]) -> str:
     def times(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
-    lines = ["| model | method | median ms/step | x float | train peak MiB | x float memory |", "|---|---|---|---|---|---|"]
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = [
+        "| model | method | median ms/step | x float | saved MiB | peak tensor MiB | x float tensors "
+        "| RSS train peak MiB | x float RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row.model} ({row.batch}) | {row.method} | {row.median_ms:.2f} | {times(row.x_float)} "
+            f"| {mib(row.saved_mib)} | {mib(row.peak_tensor_mib)} | {times(row.x_float_peak_tensor)} "
             f"| {row.train_peak_mib:.1f} | {times(row.x_float_memory)} |"
         )
     return "\n".join(lines)
@@ -453,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps, {time.perf_counter() - started:.0f} s in all; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
+    for row in rows:
+        if row.saved_mib is None:
+            print(f"no saved MiB for {row.model} / {row.method}: {row.saved_note}")
     for error in errors:
         print(f"error: {error['model']} / {error['method']}: {error['error']}")
     environment = {

@@ -17,6 +17,7 @@ from quantrain.config import (
     parse_config_list,
     register_default_targets,
 )
+from quantrain.config.presets import deployable_config_list
 from quantrain.evaluator import Evaluator, TorchEvaluator
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.modules import Add
@@ -36,6 +37,7 @@ __all__ = [
     "PtqQuantizer",
     "QATQuantizer",
     "Schedule",
+    "deployable_config_list",
     "QuantDtype",
     "QuantScheme",
     "RangeObserver",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -72,10 +71,10 @@ class Quantizer:
         self._param_ids = frozenset(id(p) for p in model.parameters())
         self._optimizer: weakref.ref | None = None
         ref = weakref.ref(self)
-        # The step hook goes with the quantizer; the load hook stays with the model for as long as it is quantized.
-        self._hooks = [register_optimizer_step_post_hook(functools.partial(_on_optimizer_step, ref))]
-        weakref.finalize(self, _remove_hooks, list(self._hooks))
-        self._hooks.append(model.register_load_state_dict_post_hook(_AfterLoad(ref)))
+        # One global optimizer hook serves every live quantizer (held weakly); the load hook stays with the model for
+        # as long as it is quantized.
+        _watch_optimizer_steps(self)
+        self._hooks = [model.register_load_state_dict_post_hook(_AfterLoad(ref))]
         # The model keeps its quantizer alive, so steps are counted even if the caller drops the quantizer object.
         model.__dict__[LINK_ATTRIBUTE] = _QuantizerLink(self)
 
@@ -206,6 +205,7 @@ class Quantizer:
         del self.bound_model._buffers[STEP_BUFFER]
         self.bound_model.__dict__.pop(LINK_ATTRIBUTE, None)
         _remove_hooks(self._hooks)
+        _LIVE_QUANTIZERS.discard(self)
         self._modules = {}
         self._unwrapped = True
         return self.bound_model
@@ -264,9 +264,23 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _on_optimizer_step(ref: weakref.ref, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    quantizer = ref()
-    if quantizer is not None:
+_LIVE_QUANTIZERS: weakref.WeakSet[Quantizer] = weakref.WeakSet()
+_STEP_HOOK: list = []
+
+
+def _watch_optimizer_steps(quantizer: Quantizer) -> None:
+    """Count ``quantizer``'s steps from every optimizer step, for as long as it lives and stays wrapped.
+
+    A single global hook that is never removed: removing hooks when a quantizer is garbage-collected could happen in
+    the middle of an optimizer step, while PyTorch iterates over its hooks.
+    """
+    _LIVE_QUANTIZERS.add(quantizer)
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
+
+
+def _on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for quantizer in list(_LIVE_QUANTIZERS):
         quantizer._on_step(optimizer)
 
 

@@ -11,6 +11,11 @@ replicated with the model. Its forward, for an input ``x``::
 so each batch is quantized with a scale that already includes it (as the reference does). Python mirrors of the
 flags keep the forward free of host synchronisation; they are refreshed whenever a state_dict is loaded.
 
+Under ``torch.compile`` the forward reads only mirrors that change at step boundaries (the schedule's enable
+flags, the training mode), so a schedule phase change recompiles once and nothing else does: the first batch's
+one-time work (seeding the range, marking the quantizer calibrated, writing a symmetric zero point) is done on
+every compiled call, as tensor writes in the graph, and the mirrors are only written there.
+
 >>> import torch
 >>> from quantrain.config import TargetSettings
 >>> fq = FakeQuantizer(TargetSettings())
@@ -86,33 +91,40 @@ class FakeQuantizer(nn.Module):
         blocks = self._blocks_for(x) if self.activation else self._blocks
         if (self.training or self.calibrating) and self._observe:
             self.observer(x, blocks)
-            if self._fake_quant:
-                self.update_qparams()
-        if self._fake_quant and self._calibrated:
-            zero_point = None if self._zero_free else self.zero_point
-            return quantize_dequantize(x, self.scale, zero_point, self.settings.qmin, self.settings.qmax, blocks)
-        return x
+            if not self._fake_quant:
+                return x
+            self._update_qparams()  # the range is seeded now, so this calibrates
+        elif not (self._fake_quant and self._calibrated):
+            return x
+        zero_point = None if self._zero_free else self.zero_point
+        return quantize_dequantize(x, self.scale, zero_point, self.settings.qmin, self.settings.qmax, blocks)
 
-    @torch.no_grad()
     def update_qparams(self) -> None:
         """Recompute ``scale`` and ``zero_point`` from the tracked range (no-op before the first batch)."""
-        if not self.observer.is_seeded:
-            return
+        if self.observer.is_seeded:
+            self._update_qparams()
+
+    @torch.no_grad()
+    def _update_qparams(self) -> None:
         tracked_min, tracked_max = self.observer.tracked_min, self.observer.tracked_max
         qmin, qmax = self.settings.qmin, self.settings.qmax
-        if self.scale.shape != tracked_min.shape:
-            self.scale.resize_(tracked_min.shape)
-            self.zero_point.resize_(tracked_min.shape)
-        if self._symmetric:  # the zero point is a constant: written once
+        compiling = torch.compiler.is_compiling()
+        if self.scale.shape != tracked_min.shape:  # sized lazily: the first batch gives the shape
+            if compiling:  # a graph cannot resize its inputs: new buffers (the next call recompiles once)
+                self._buffers["scale"] = torch.ones_like(tracked_min, device=self.scale.device)
+                self._buffers["zero_point"] = torch.zeros_like(tracked_min, device=self.zero_point.device)
+            else:
+                self.scale.resize_(tracked_min.shape)
+                self.zero_point.resize_(tracked_min.shape)
+        if self._symmetric:  # the zero point is a constant: written once (each call when compiled: no branch)
             self.scale.copy_(symmetric_scale(tracked_min, tracked_max, qmin, qmax))
-            if not self._calibrated:
+            if compiling or not self._calibrated:
                 self.zero_point.fill_(symmetric_zero_point(qmin, qmax))
-
         else:
             scale, zero_point = calculate_qparams(tracked_min, tracked_max, qmin, qmax, symmetric=False)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
-        if not self._calibrated:
+        if compiling or not self._calibrated:  # compiled: on every call, the mirror written but never read (no guard)
             self.calibrated.fill_(1)
             self._calibrated = True
 

@@ -10,6 +10,11 @@ The range is per tensor or per block, as the caller's block layout says. All sta
 ``tracked_min``, ``tracked_max`` (float32) and ``seeded`` (uint8), so it is saved, loaded and broadcast with the
 model. A Python mirror of ``seeded`` keeps the forward free of host synchronisation.
 
+Under ``torch.compile`` the forward does not branch on that mirror (a guard on it would recompile the model once
+it flips): the first batch is selected by ``seeded`` inside the graph (``torch.where``, the same numbers), and the
+mirror is only written. A range whose shape is not known up front (``shape=None``) gets new buffers of the first
+batch's shape (a graph cannot resize its inputs), so the call after it recompiles once.
+
 >>> import torch
 >>> obs = RangeObserver()
 >>> obs(torch.tensor([-1.0, 2.0])); obs(torch.tensor([0.0, 4.0]))
@@ -24,7 +29,7 @@ import enum
 import torch
 from torch import Tensor, nn
 
-from quantrain.ops.ranges import ema_update_, min_max
+from quantrain.ops.ranges import ema_update, ema_update_, min_max
 
 __all__ = ["RangeObserver", "RangeTracking", "resize_buffers_for_load"]
 
@@ -70,17 +75,14 @@ class RangeObserver(nn.Module):
     def forward(self, x: Tensor, blocks: tuple[int, ...] | None = None) -> None:
         current_min, current_max = min_max(x, blocks)
         current_min, current_max = current_min.float(), current_max.float()
+        if torch.compiler.is_compiling():
+            self._compiled_update(current_min, current_max, tuple(x.shape))
+            return
         if not self._seeded:
-            self.tracked_min.resize_(current_min.shape).copy_(current_min)
-            self.tracked_max.resize_(current_max.shape).copy_(current_max)
-            self.seeded.fill_(1)
-            self._seeded = True
+            self._seed(current_min, current_max)
             return
         if current_min.shape != self.tracked_min.shape:
-            raise ValueError(
-                f"range shape changed from {tuple(self.tracked_min.shape)} to {tuple(current_min.shape)}: "
-                f"the tensor's channels or blocks differ from the first batch (shape {tuple(x.shape)})"
-            )
+            raise _shape_changed(self.tracked_min.shape, current_min.shape, tuple(x.shape))
         if self.tracking is RangeTracking.MOVING_AVERAGE:
             ema_update_(self.tracked_min, current_min, self.decay)
             ema_update_(self.tracked_max, current_max, self.decay)
@@ -90,6 +92,45 @@ class RangeObserver(nn.Module):
         else:
             self.tracked_min.copy_(current_min)
             self.tracked_max.copy_(current_max)
+
+    def _seed(self, current_min: Tensor, current_max: Tensor) -> None:
+        self.tracked_min.resize_(current_min.shape).copy_(current_min)
+        self.tracked_max.resize_(current_max.shape).copy_(current_max)
+        self.seeded.fill_(1)
+        self._seeded = True
+
+    def _compiled_update(self, current_min: Tensor, current_max: Tensor, x_shape: tuple[int, ...]) -> None:
+        """The forward as traced by ``torch.compile``: no branch on Python state that changes during training.
+
+        The shape test is static (decided while tracing). Where the shapes agree, the first batch is selected by
+        the ``seeded`` buffer in the graph: ``where(seeded, update(tracked, current), current)`` is the eager
+        forward's arithmetic (the update's value is discarded where it is not taken).
+        """
+        if current_min.shape != self.tracked_min.shape:  # the first batch of a range sized lazily
+            if self._seeded:
+                raise _shape_changed(self.tracked_min.shape, current_min.shape, x_shape)
+            # A graph cannot resize its inputs: the buffers are replaced instead (the next call recompiles once).
+            self._buffers["tracked_min"] = current_min.to(self.tracked_min.device, copy=True)
+            self._buffers["tracked_max"] = current_max.to(self.tracked_max.device, copy=True)
+            self.seeded.fill_(1)
+            self._seeded = True
+            return
+        if self.tracking is RangeTracking.CURRENT:
+            new_min, new_max = current_min, current_max
+        else:
+            seeded = self.seeded.bool()
+            if self.tracking is RangeTracking.MOVING_AVERAGE:
+                new_min = ema_update(self.tracked_min, current_min, self.decay)
+                new_max = ema_update(self.tracked_max, current_max, self.decay)
+            else:
+                new_min = torch.minimum(self.tracked_min, current_min)
+                new_max = torch.maximum(self.tracked_max, current_max)
+            new_min = torch.where(seeded, new_min, current_min)
+            new_max = torch.where(seeded, new_max, current_max)
+        self.tracked_min.copy_(new_min)
+        self.tracked_max.copy_(new_max)
+        self.seeded.fill_(1)
+        self._seeded = True  # written, never read, in the graph: no guard, no recompilation
 
     @property
     def is_seeded(self) -> bool:
@@ -108,6 +149,13 @@ class RangeObserver(nn.Module):
         if self.tracking is RangeTracking.MOVING_AVERAGE:
             return f"tracking={self.tracking.value}, decay={self.decay}"
         return f"tracking={self.tracking.value}"
+
+
+def _shape_changed(old: torch.Size, new: torch.Size, x_shape: tuple[int, ...]) -> ValueError:
+    return ValueError(
+        f"range shape changed from {tuple(old)} to {tuple(new)}: "
+        f"the tensor's channels or blocks differ from the first batch (shape {x_shape})"
+    )
 
 
 def resize_buffers_for_load(module: nn.Module, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:

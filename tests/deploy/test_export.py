@@ -107,21 +107,27 @@ def test_parity_on_the_digits_test_set(trained, exported, digits):
     assert "top-1 agreement" in str(report)
 
 
-def test_with_integer_bias_onnx_runtime_reproduces_the_fake_quant_outputs_exactly(digits, tmp_path):
-    """The float bias is the one difference left between fake quantization and ORT's int32 arithmetic (ORT rounds
-    it to the S_in * S_w grid); trained and evaluated on that grid, the model's logits equal ORT's bit for bit."""
+def _logits_differing(integer_bias, digits, path):
     torch.manual_seed(0)
     x_train, y_train, x_test, _ = digits
     model = _train(build_model(), x_train, y_train)
-    QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40, integer_bias=True)
+    QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40, integer_bias=integer_bias)
     _train(model, x_train, y_train)
-    export_onnx(model, x_test[:2], tmp_path / "m.onnx")
-    produced = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"input_0": x_test.numpy()}
-    )[0]
+    export_onnx(model, x_test[:2], path)
+    produced = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_0": x_test.numpy()})[0]
     with torch.no_grad():
         expected = model.eval()(x_test).numpy()
-    assert np.array_equal(produced, expected)
+    assert np.array_equal(produced.argmax(1), expected.argmax(1))
+    return float((produced != expected).mean())
+
+
+def test_integer_bias_removes_most_differences_between_onnx_runtime_and_fake_quant(digits, tmp_path):
+    """ORT adds each bias rounded to the int32 grid S_in * S_w; trained and evaluated on that grid, the model's
+    logits equal ORT's except where float accumulation lands within rounding error of a tie (measured: 3 of 3600
+    logits, against 59 of 3600 with float biases)."""
+    with_float_bias = _logits_differing(False, digits, tmp_path / "float_bias.onnx")
+    with_integer_bias = _logits_differing(True, digits, tmp_path / "integer_bias.onnx")
+    assert with_integer_bias <= 0.002 and with_float_bias >= 5 * max(with_integer_bias, 1 / 3600)
 
 
 def test_the_batch_dimension_is_dynamic(exported, digits):

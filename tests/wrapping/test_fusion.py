@@ -140,7 +140,7 @@ def test_freeze_bn_step_stops_statistics_after_that_many_optimizer_steps():
     assert [f.is_bn_frozen for f in quantizer.fusions()] == [True]
 
 
-def test_activation_fusion_quantizes_after_the_relu_and_leaves_the_relu_module_alone():
+def test_activation_fusion_quantizes_after_the_relu_and_the_relu_module_passes_it_through():
     relu = nn.ReLU()
     model = nn.Sequential(nn.Conv2d(1, 2, 3), _randomize_bn(nn.BatchNorm2d(2)), relu)
     config = [
@@ -152,12 +152,18 @@ def test_activation_fusion_quantizes_after_the_relu_and_leaves_the_relu_module_a
             "fuse_names": [("0", "1", "2")],
         }
     ]
-    QATQuantizer(model, config)
+    quantizer = QATQuantizer(model, config)
+    produced = []
+    model[0].register_forward_hook(lambda module, args, output: produced.append(output))
     out = model(torch.randn(3, 1, 6, 6))
-    assert model[2] is relu and type(relu) is nn.ReLU
+    assert model[2] is relu and isinstance(relu, nn.ReLU) and type(relu).__name__ == "FusedReLU"
+    assert out is produced[0]  # passed through: no second rectified copy kept for backward
+    assert relu(torch.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]  # any other input is still rectified
     fq = model[0].fake_quant["_output_0"]
     assert fq.zero_point.item() == 0 and fq.observer.tracked_min.item() == 0  # the range starts at 0: after ReLU
     assert torch.allclose(torch.round(out / fq.scale) * fq.scale, out, atol=1e-6) and out.min() >= 0
+    quantizer.unwrap_model()
+    assert type(relu) is nn.ReLU and "_fused_into" not in relu.__dict__
 
 
 def test_state_dict_keys_unwrap_and_copies():

@@ -2,8 +2,9 @@
 
 A fused layer keeps every module where it is. The conv (or linear) gets a ``fusion`` child and computes the whole
 chain; the BatchNorm becomes a pass-through (its class derived as ``Folded<Name>``) that checks it receives the
-conv's output; the activation module is left alone (ReLU and ReLU6 are idempotent, so applying them again to the
-fused output changes nothing).
+conv's output; a ReLU module becomes a pass-through for the fused output (``Fused<Name>``; any other input it still
+rectifies), as in torch.ao, where the fused module's output goes straight to its output quantizer; a ReLU6 module
+is left alone (applying it again to the fused output changes nothing but a value rounded a hair above 6).
 
 With ``s = gamma / sqrt(running_var + eps)`` (per output channel), the layer computes, while BN is live
 (training mode and not frozen), the paper's folding with the batch-statistics correction::
@@ -29,11 +30,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 
-__all__ = ["ACTIVATIONS", "FoldedBatchNorm", "Fusion", "fold_parameters", "fold_factor", "link_folded_bn", "unlink_folded_bn"]
+__all__ = [
+    "ACTIVATIONS",
+    "FoldedBatchNorm",
+    "FusedReLU",
+    "Fusion",
+    "fold_parameters",
+    "fold_factor",
+    "link_folded_bn",
+    "link_fused_relu",
+    "unlink_folded_bn",
+    "unlink_fused_relu",
+]
+
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "relu6": F.relu6}
 MIN_STD = 1e-12
@@ -71,11 +85,13 @@ class Fusion(nn.Module):
         self.group = group
         self.activation = activation
         self.__dict__["bn"] = bn
+        self.__dict__["relu"] = None  # the ReLU module made a pass-through for this layer's output, if any
         self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.uint8))
         self._bn_frozen = False
         self._last_output: weakref.ref | None = None
 
     bn: _BatchNorm | None
+    relu: nn.Module | None
 
     def fused_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.bn is None:
@@ -86,18 +102,27 @@ class Fusion(nn.Module):
 
     def _folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         bn, fake_quant = self.bn, module.fake_quant
-        quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
-        quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
-
         if not (bn.training and not self._bn_frozen):
+            quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
+            quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
             weight, bias = fold_parameters(module.weight, module.bias, bn)
             return module.float_forward({"weight": quantize_weight(weight), "bias": quantize_bias(bias)}, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Under torch.compile this runs eagerly (a graph break): AOT autograd would recompute the fold factor in
+            # the backward from running_var after batch_norm updated it in place, and get the gradients wrong.
+            return _live_folded_eagerly(self, module, args, kwargs)
+        return self._live_folded_forward(module, *args, **kwargs)
+
+    def _live_folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        bn, fake_quant = self.bn, module.fake_quant
+        quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
+        quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
         factor = fold_factor(bn)
         safe = torch.where(factor == 0, torch.ones_like(factor), factor)
         weight = quantize_weight(module.weight * safe.reshape(_channel_shape(module.weight.dim(), 0)))
         y = module.float_forward({"weight": weight, "bias": None}, *args, **kwargs)
         shape = _channel_shape(y.dim(), 1)
-        y = y / safe.reshape(shape)
+        y = _ChannelDivide.apply(y, safe.reshape(shape))
         if module.bias is not None:
             y = y + module.bias.reshape(shape)
         if "bias" in fake_quant:  # track the deployable bias's range while BN is live
@@ -147,7 +172,33 @@ class FoldedBatchNorm(DerivedModule):
         return input
 
 
+class FusedReLU(DerivedModule):
+    """A ReLU fused into the layer before it: passes that layer's output through (it is already rectified, and its
+    quantized values are non-negative), and rectifies any other input, so a ReLU module reused elsewhere in the
+    forward still works. Skipping it keeps one activation-sized tensor fewer for backward."""
+
+    prefix = "Fused"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.__dict__["_fused_into"].produced(input):
+            return input
+        return self._float_class.forward(self, input)
+
+
+def link_fused_relu(relu: nn.Module, fusion: Fusion) -> None:
+    relu.__class__ = derived_class(FusedReLU, type(relu))
+    relu.__dict__["_fused_into"] = fusion
+    fusion.__dict__["relu"] = relu
+
+
+def unlink_fused_relu(relu: nn.Module) -> None:
+    if isinstance(relu, FusedReLU):
+        relu.__dict__.pop("_fused_into").__dict__["relu"] = None
+        restore_class(relu)
+
+
 def link_folded_bn(bn: _BatchNorm, fusion: Fusion) -> None:
+
     bn.__class__ = derived_class(FoldedBatchNorm, type(bn))
     bn.__dict__["_fused_into"] = fusion
 
@@ -158,5 +209,33 @@ def unlink_folded_bn(bn: nn.Module) -> None:
         restore_class(bn)
 
 
+class _ChannelDivide(torch.autograd.Function):
+    """``y / s`` for a per-channel ``s``, keeping only the quotient for backward (batch norm keeps it too).
+
+    ``d(y/s)/dy = 1/s`` and ``d(y/s)/ds = -(y/s)/s``, so the gradient of ``s`` is ``-sum(g * out) / s``: one
+    product and a reduction, where autograd's division would also keep ``y`` and form ``-g * y / s^2``.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, s: Tensor) -> Tensor:
+        out = torch.div(y, s)
+        ctx.save_for_backward(out, s)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        out, s = ctx.saved_tensors
+        grad_y = grad / s if ctx.needs_input_grad[0] else None
+        grad_s = -(grad * out).sum_to_size(s.shape) / s if ctx.needs_input_grad[1] else None
+        return grad_y, grad_s
+
+
+@torch.compiler.disable
+def _live_folded_eagerly(fusion: Fusion, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    return fusion._live_folded_forward(module, *args, **kwargs)
+
+
 def _identity(x: Tensor) -> Tensor:
+
     return x

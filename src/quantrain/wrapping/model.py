@@ -9,7 +9,7 @@ from torch import nn
 
 from quantrain.config.resolve import ModulePlan, TargetKind
 from quantrain.observer import RangeTracking
-from quantrain.wrapping.fusion import Fusion, link_folded_bn, unlink_folded_bn
+from quantrain.wrapping.fusion import Fusion, link_folded_bn, link_fused_relu, unlink_folded_bn, unlink_fused_relu
 from quantrain.wrapping.quantized_module import CHILD_NAME, FUSION_NAME, attach, build_fake_quantizers, detach, is_quantized
 
 __all__ = ["OWNED_CHILDREN", "check_wrappable", "unwrap", "wrap"]
@@ -49,6 +49,9 @@ def wrap(
                 module.add_module(FUSION_NAME, fusion)
                 if bn is not None:
                     link_folded_bn(bn, fusion)
+                relu = modules[plan.fusion.group[-1]] if plan.fusion.activation == "relu" else None
+                if type(relu) is nn.ReLU:  # a plain ReLU module (not one quantrain quantizes itself)
+                    link_fused_relu(relu, fusion)
     except BaseException:
         unwrap(wrapped)
         raise
@@ -59,6 +62,9 @@ def unwrap(wrapped: dict[str, nn.Module]) -> None:
     """Undo :func:`wrap` for these modules (and the BatchNorms folded into them)."""
     for module in wrapped.values():
         fusion = module._modules.get(FUSION_NAME)
-        if isinstance(fusion, Fusion) and fusion.bn is not None:
-            unlink_folded_bn(fusion.bn)
+        if isinstance(fusion, Fusion):
+            if fusion.bn is not None:
+                unlink_folded_bn(fusion.bn)
+            if fusion.relu is not None:
+                unlink_fused_relu(fusion.relu)
         detach(module)
