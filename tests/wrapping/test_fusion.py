@@ -300,3 +300,19 @@ def test_fuse_auto_quantizes_a_residual_add_after_its_relu():
     fq = model.add.fake_quant["_output_0"]
     assert fq.observer.tracked_min.item() == 0.0 and fq.zero_point.item() == 0.0  # the range is the ReLU's
     assert torch.allclose(torch.round(out / fq.scale) * fq.scale, out, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "reference"), [("relu", F.relu), ("relu6", F.relu6)])
+def test_fused_activations_match_torch_and_keep_only_a_boolean_mask_for_backward(name, reference):
+    from quantrain.wrapping.fusion import ACTIVATIONS
+
+    x = torch.tensor([-1.0, 0.0, 0.5, 6.0, 7.0], requires_grad=True)
+    grad = torch.tensor([1.0, 2.0, 3.0, -4.0, 5.0])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ACTIVATIONS[name](x)
+    assert torch.equal(out, reference(x))
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(reference(x), x, grad)[0])
+    assert [t.dtype for t in saved] == [torch.bool]  # no float copy of the output
+    with torch.no_grad():
+        assert torch.equal(ACTIVATIONS[name](x), reference(x))

@@ -49,7 +49,38 @@ __all__ = [
 ]
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "relu6": F.relu6}
+class _ClampWithMask(torch.autograd.Function):
+    """``clamp(x, lo, hi)`` that keeps a boolean mask of where the gradient passes instead of its float output.
+
+    A fused layer's activation output goes straight to its output quantizer, which makes a new tensor; autograd's
+    ReLU would keep the activation output (4 bytes per element) alive for its backward on top of that. The mask
+    costs 1 byte. The gradient is the same: ``grad`` where ``lo < x < hi`` (strictly: ReLU's derivative at 0 is 0),
+    else 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float | None) -> Tensor:
+        out = torch.clamp(x, lo, hi)
+        ctx.save_for_backward(torch.gt(x, lo) if hi is None else torch.logical_and(torch.gt(x, lo), torch.lt(x, hi)))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None
+
+
+def _relu(x: Tensor) -> Tensor:
+    return _ClampWithMask.apply(x, 0.0, None) if x.requires_grad and torch.is_grad_enabled() else F.relu(x)
+
+
+def _relu6(x: Tensor) -> Tensor:
+    return _ClampWithMask.apply(x, 0.0, 6.0) if x.requires_grad and torch.is_grad_enabled() else F.relu6(x)
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": _relu, "relu6": _relu6}
+
 MIN_STD = 1e-12
 
 
