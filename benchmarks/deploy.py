@@ -96,6 +96,9 @@ def session(path: str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # The sessions take turns: a session whose idle threads spin-wait for work (ORT's default) would steal the
+    # cores from the next one and bias the comparison by position, so no session spins.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
