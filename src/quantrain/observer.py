@@ -29,7 +29,7 @@ import enum
 import torch
 from torch import Tensor, nn
 
-from quantrain.ops.ranges import ema_update, ema_update_, min_max
+from quantrain.ops.ranges import ema_update, ema_update_all_, min_max
 
 __all__ = ["RangeObserver", "RangeTracking", "resize_buffers_for_load"]
 
@@ -84,8 +84,7 @@ class RangeObserver(nn.Module):
         if current_min.shape != self.tracked_min.shape:
             raise _shape_changed(self.tracked_min.shape, current_min.shape, tuple(x.shape))
         if self.tracking is RangeTracking.MOVING_AVERAGE:
-            ema_update_(self.tracked_min, current_min, self.decay)
-            ema_update_(self.tracked_max, current_max, self.decay)
+            ema_update_all_([self.tracked_min, self.tracked_max], [current_min, current_max], self.decay)
         elif self.tracking is RangeTracking.RUNNING_EXTREMES:
             torch.minimum(self.tracked_min, current_min, out=self.tracked_min)
             torch.maximum(self.tracked_max, current_max, out=self.tracked_max)

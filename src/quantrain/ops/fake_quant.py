@@ -42,25 +42,30 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
         # Compute on the float32 grid of the stored scale: a 0-dim scale would otherwise be cast down to
         # x's dtype by type promotion (float16/bfloat16), giving other levels than a per-channel scale.
-        work = x.to(torch.promote_types(x.dtype, scale.dtype))
-        # Broadcast views, not (C, 1)-shaped operands: PyTorch's CPU kernels divide by the latter several times slower.
-        scale = scale.expand_as(work)
+        work = x if x.dtype == scale.dtype else x.to(torch.promote_types(x.dtype, scale.dtype))
+        if scale.dim() > 0:
+            # Broadcast views, not (C, 1)-shaped operands: PyTorch's CPU kernels divide by the latter several times
+            # slower.
+            scale = scale.expand_as(work)
+            zero_point = None if zero_point is None else zero_point.expand_as(work)
         t = torch.div(work, scale)
         if zero_point is not None:
-            zero_point = zero_point.expand_as(work)
             t.add_(zero_point)
+
         q = torch.clamp(t, qmin, qmax)
         ctx.save_for_backward(torch.eq(q, t, out=torch.empty_like(t, dtype=MASK_DTYPE)))  # qmin <= t <= qmax
         q.round_()
         if zero_point is not None:
             q.sub_(zero_point)
-        return q.mul_(scale).to(x.dtype)
+        q.mul_(scale)
+        return q if q.dtype == x.dtype else q.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         (inside,) = ctx.saved_tensors
-        return grad_output * inside, None, None, None, None
+        # A bool mask read as uint8: the multiplication then converts in its loop (several times faster than bool).
+        return grad_output * inside.view(torch.uint8), None, None, None, None
 
 
 MASK_DTYPE = torch.bool

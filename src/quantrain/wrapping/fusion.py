@@ -68,7 +68,7 @@ class _ClampWithMask(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None
+        return grad * mask.view(torch.uint8), None, None  # uint8: a faster multiplication than bool
 
 
 def _relu(x: Tensor) -> Tensor:
