@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from quantrain.config.settings import GranularityKind, TargetSettings
 from quantrain.observer import RangeObserver, RangeTracking, resize_buffers_for_load
-from quantrain.ops.fake_quant import quantize_dequantize
+from quantrain.ops.fake_quant import clamp_with_mask, fake_quantize_clamped, quantize_dequantize
 from quantrain.ops.qparams import calculate_qparams, symmetric_scale, symmetric_zero_point
 
 __all__ = ["FakeQuantizer"]
@@ -85,19 +85,29 @@ class FakeQuantizer(nn.Module):
         self._zero_free = self._symmetric and symmetric_zero_point(settings.qmin, settings.qmax) == 0
         self._refresh_mirrors()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, clamp: tuple[float, float | None] | None = None) -> Tensor:
+        """Fake-quantize ``x``, or with ``clamp=(lo, hi)`` the output of a fused ReLU/ReLU6, ``clamp(x, lo, hi)``
+        (one saved mask for both; the range observed is the clamped one)."""
         if not x.is_floating_point():
             raise TypeError(f"{self.label}: only floating-point tensors can be fake-quantized, got {x.dtype}")
         blocks = self._blocks_for(x) if self.activation else self._blocks
+        if clamp is not None and blocks is not None:  # per-block scales: clamp first, then quantize as usual
+            x, clamp = clamp_with_mask(x, *clamp), None
+        if clamp is not None:
+            with torch.no_grad():
+                activated = torch.clamp(x, *clamp)
         if (self.training or self.calibrating) and self._observe:
-            self.observer(x, blocks)
+            self.observer(x if clamp is None else activated, blocks)
             if not self._fake_quant:
-                return x
+                return x if clamp is None else clamp_with_mask(x, *clamp)
             self._update_qparams()  # the range is seeded now, so this calibrates
         elif not (self._fake_quant and self._calibrated):
-            return x
+            return x if clamp is None else clamp_with_mask(x, *clamp)
         zero_point = None if self._zero_free else self.zero_point
-        return quantize_dequantize(x, self.scale, zero_point, self.settings.qmin, self.settings.qmax, blocks)
+        qmin, qmax = self.settings.qmin, self.settings.qmax
+        if clamp is not None:
+            return fake_quantize_clamped(x, activated, *clamp, self.scale, zero_point, qmin, qmax)
+        return quantize_dequantize(x, self.scale, zero_point, qmin, qmax, blocks)
 
     def update_qparams(self) -> None:
         """Recompute ``scale`` and ``zero_point`` from the tracked range (no-op before the first batch)."""

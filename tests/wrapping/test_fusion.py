@@ -316,3 +316,39 @@ def test_fused_activations_match_torch_and_keep_only_a_boolean_mask_for_backward
     assert [t.dtype for t in saved] == [torch.bool]  # no float copy of the output
     with torch.no_grad():
         assert torch.equal(ACTIVATIONS[name](x), reference(x))
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.ReLU6])
+def test_the_output_quantizer_applying_the_fused_activation_gives_the_same_numbers_as_activation_then_quantizer(
+    activation, monkeypatch
+):
+    """The output quantizer applies a fused ReLU/ReLU6 itself (one saved mask for both); outputs, gradients and
+    ranges equal those of applying the activation and then quantizing."""
+    import quantrain.wrapping.quantized_module as quantized_module
+
+    def run(merged):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), activation(), nn.Flatten(), nn.Linear(4 * 16, 3))
+        config = [{"op_types": ["Conv2d", "Linear"], "target_names": ["_input_", "weight", "_output_"]}]
+        config[0].update(quant_dtype="uint8", quant_scheme="affine")
+        with monkeypatch.context() as patch:
+            if not merged:  # force the unmerged path: activation in the fusion, then the output quantizer
+                patch.setattr(quantized_module, "_SINGLE_OUTPUT", ())
+            QATQuantizer(model, config, fuse="auto", freeze_bn_step=2)
+            grads, outputs = [], []
+            for step in range(3):
+                x = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(step)) * 3
+                out = model(x)
+                out.square().sum().backward()
+                outputs.append(out.detach())
+                grads.append([p.grad.clone() for p in model.parameters()])
+                model.zero_grad()
+        return outputs, grads, model[0].fake_quant["_output_0"].scale
+
+    merged, unmerged = run(True), run(False)
+    for a, b in zip(merged[0], unmerged[0], strict=True):
+        assert torch.equal(a, b)
+    for step_a, step_b in zip(merged[1], unmerged[1], strict=True):
+        for a, b in zip(step_a, step_b, strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(merged[2], unmerged[2])

@@ -89,9 +89,11 @@ class ExportActivation(_ExportBase):
 
     calls: list[str] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, clamp: tuple[float, float | None] | None = None) -> Tensor:
         if self.calls is not None:
             self.calls.append(self.label)
+        if clamp is not None:  # a fused ReLU/ReLU6 that the quantizer applied (see FakeQuantizer.forward)
+            x = torch.relu(x) if clamp == (0.0, None) else torch.clamp(x, *clamp)
         info = torch.iinfo(self.zero_point.dtype)
 
         return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.axis, info.min, info.max)

@@ -30,9 +30,44 @@ from torch.autograd.function import once_differentiable
 
 from quantrain.ops.ranges import block_layout
 
-__all__ = ["INT32_MAX", "INT32_MIN", "fake_quantize", "integer_bias", "quantize_dequantize"]
+__all__ = [
+    "INT32_MAX",
+    "INT32_MIN",
+    "clamp_gate",
+    "clamp_with_mask",
+    "fake_quantize",
+    "fake_quantize_clamped",
+    "integer_bias",
+    "quantize_dequantize",
+]
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _quantize_dequantize_with_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int):
+    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax`` (bool)."""
+    # Compute on the float32 grid of the stored scale: a 0-dim scale would otherwise be cast down to
+    # x's dtype by type promotion (float16/bfloat16), giving other levels than a per-channel scale.
+    work = x if x.dtype == scale.dtype else x.to(torch.promote_types(x.dtype, scale.dtype))
+    if scale.dim() > 0:
+        # Broadcast views, not (C, 1)-shaped operands: PyTorch's CPU kernels divide by the latter several times slower.
+        scale = scale.expand_as(work)
+        zero_point = None if zero_point is None else zero_point.expand_as(work)
+    t = torch.div(work, scale)
+    if zero_point is not None:
+        t.add_(zero_point)
+    q = torch.clamp(t, qmin, qmax)
+    mask = torch.eq(q, t, out=torch.empty_like(t, dtype=MASK_DTYPE))
+    q.round_()
+    if zero_point is not None:
+        q.sub_(zero_point)
+    q.mul_(scale)
+    return (q if q.dtype == x.dtype else q.to(x.dtype)), mask
+
+
+def _masked(grad: Tensor, mask: Tensor) -> Tensor:
+    # A bool mask read as uint8: the multiplication then converts in its loop (several times faster than bool).
+    return grad * mask.view(torch.uint8)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -40,32 +75,93 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-        # Compute on the float32 grid of the stored scale: a 0-dim scale would otherwise be cast down to
-        # x's dtype by type promotion (float16/bfloat16), giving other levels than a per-channel scale.
-        work = x if x.dtype == scale.dtype else x.to(torch.promote_types(x.dtype, scale.dtype))
-        if scale.dim() > 0:
-            # Broadcast views, not (C, 1)-shaped operands: PyTorch's CPU kernels divide by the latter several times
-            # slower.
-            scale = scale.expand_as(work)
-            zero_point = None if zero_point is None else zero_point.expand_as(work)
-        t = torch.div(work, scale)
-        if zero_point is not None:
-            t.add_(zero_point)
-
-        q = torch.clamp(t, qmin, qmax)
-        ctx.save_for_backward(torch.eq(q, t, out=torch.empty_like(t, dtype=MASK_DTYPE)))  # qmin <= t <= qmax
-        q.round_()
-        if zero_point is not None:
-            q.sub_(zero_point)
-        q.mul_(scale)
-        return q if q.dtype == x.dtype else q.to(x.dtype)
+        out, mask = _quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax)
+        ctx.save_for_backward(mask)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         (inside,) = ctx.saved_tensors
-        # A bool mask read as uint8: the multiplication then converts in its loop (several times faster than bool).
-        return grad_output * inside.view(torch.uint8), None, None, None, None
+        return _masked(grad_output, inside), None, None, None, None
+
+
+class _GatedFakeQuantizeSTE(torch.autograd.Function):
+    """Fake-quantize ``activated = f(x)`` and send the gradient to ``x`` where ``gate`` (f's own derivative mask) and
+    the quantizer's mask both pass: one saved mask instead of f's output plus the quantizer's mask."""
+
+    @staticmethod
+    def forward(ctx, x, activated, gate, scale, zero_point, qmin, qmax):
+        out, mask = _quantize_dequantize_with_mask(activated, scale, zero_point, qmin, qmax)
+        ctx.save_for_backward(mask.logical_and_(gate))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        (inside,) = ctx.saved_tensors
+        return _masked(grad_output, inside), None, None, None, None, None, None
+
+
+class _ClampWithMask(torch.autograd.Function):
+    """``clamp(x, lo, hi)`` that keeps a boolean mask of where the gradient passes instead of its float output
+    (``lo < x < hi``, strictly: ReLU's derivative at 0 is 0)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float | None) -> Tensor:
+        ctx.save_for_backward(clamp_gate(x, lo, hi))
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return _masked(grad, mask), None, None
+
+
+def clamp_gate(x: Tensor, lo: float, hi: float | None) -> Tensor:
+    """Where ``clamp(x, lo, hi)`` passes its gradient: ``lo < x < hi`` (no upper bound when ``hi`` is None)."""
+    above = torch.gt(x, lo)
+    return above if hi is None else above.logical_and_(torch.lt(x, hi))
+
+
+def clamp_with_mask(x: Tensor, lo: float, hi: float | None = None) -> Tensor:
+    """``torch.clamp(x, lo, hi)`` with the same gradient, keeping a 1-byte mask for backward instead of the output.
+
+    >>> x = torch.tensor([-1.0, 0.0, 2.0, 7.0], requires_grad=True)
+    >>> clamp_with_mask(x, 0.0, 6.0).sum().backward(); x.grad.tolist()
+    [0.0, 0.0, 1.0, 0.0]
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _ClampWithMask.apply(x, lo, hi)
+    return torch.clamp(x, lo, hi)
+
+
+def fake_quantize_clamped(
+    x: Tensor,
+    activated: Tensor,
+    lo: float,
+    hi: float | None,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+) -> Tensor:
+    """``fake_quantize(clamp(x, lo, hi))`` (a fused ReLU/ReLU6 and its output quantizer), keeping one mask.
+
+    ``activated`` is ``clamp(x, lo, hi)``, computed by the caller (which observes its range first). The gradient is
+    the composition's: ``grad`` where ``lo < x < hi`` and the clamped value is inside the quantization range.
+
+    >>> x = torch.tensor([-1.0, 0.26, 9.0], requires_grad=True)
+    >>> y = fake_quantize_clamped(x, x.detach().clamp(0, 6), 0.0, 6.0, torch.tensor(0.1), None, 0, 255)
+    >>> [round(v, 4) for v in y.tolist()]
+    [0.0, 0.3, 6.0]
+    >>> y.sum().backward(); x.grad.tolist()
+    [0.0, 1.0, 0.0]
+    """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return fake_quantize(activated, scale, zero_point, qmin, qmax)
+    return _GatedFakeQuantizeSTE.apply(x, activated, clamp_gate(x, lo, hi), scale, zero_point, qmin, qmax)
 
 
 MASK_DTYPE = torch.bool

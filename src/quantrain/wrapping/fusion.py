@@ -33,10 +33,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from quantrain.ops.fake_quant import clamp_with_mask
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 
 __all__ = [
     "ACTIVATIONS",
+    "CLAMPS",
     "FoldedBatchNorm",
     "FusedReLU",
     "Fusion",
@@ -49,34 +51,16 @@ __all__ = [
 ]
 
 
-class _ClampWithMask(torch.autograd.Function):
-    """``clamp(x, lo, hi)`` that keeps a boolean mask of where the gradient passes instead of its float output.
-
-    A fused layer's activation output goes straight to its output quantizer, which makes a new tensor; autograd's
-    ReLU would keep the activation output (4 bytes per element) alive for its backward on top of that. The mask
-    costs 1 byte. The gradient is the same: ``grad`` where ``lo < x < hi`` (strictly: ReLU's derivative at 0 is 0),
-    else 0.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, lo: float, hi: float | None) -> Tensor:
-        out = torch.clamp(x, lo, hi)
-        ctx.save_for_backward(torch.gt(x, lo) if hi is None else torch.logical_and(torch.gt(x, lo), torch.lt(x, hi)))
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask.view(torch.uint8), None, None  # uint8: a faster multiplication than bool
+CLAMPS: dict[str, tuple[float, float | None]] = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
+"""Each fusable activation as the clamp it is."""
 
 
 def _relu(x: Tensor) -> Tensor:
-    return _ClampWithMask.apply(x, 0.0, None) if x.requires_grad and torch.is_grad_enabled() else F.relu(x)
+    return clamp_with_mask(x, 0.0) if x.requires_grad and torch.is_grad_enabled() else F.relu(x)
 
 
 def _relu6(x: Tensor) -> Tensor:
-    return _ClampWithMask.apply(x, 0.0, 6.0) if x.requires_grad and torch.is_grad_enabled() else F.relu6(x)
+    return clamp_with_mask(x, 0.0, 6.0) if x.requires_grad and torch.is_grad_enabled() else F.relu6(x)
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": _relu, "relu6": _relu6}
@@ -125,11 +109,14 @@ class Fusion(nn.Module):
     relu: nn.Module | None
 
     def fused_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.bn is None:
-            output = module.float_forward(module.quantized_parameters(), *args, **kwargs)
-        else:
-            output = self._folded_forward(module, *args, **kwargs)
+        output = self.linear_forward(module, *args, **kwargs)
         return output if self.activation is None else ACTIVATIONS[self.activation](output)
+
+    def linear_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The fused chain before its activation (the output quantizer can apply that, see ``CLAMPS``)."""
+        if self.bn is None:
+            return module.float_forward(module.quantized_parameters(), *args, **kwargs)
+        return self._folded_forward(module, *args, **kwargs)
 
     def _folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         bn, fake_quant = self.bn, module.fake_quant

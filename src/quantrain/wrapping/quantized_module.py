@@ -28,6 +28,9 @@ from quantrain.ops.fake_quant import integer_bias
 from quantrain.ops.ranges import block_layout
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 from quantrain.wrapping.forwards import FLOAT_FORWARDS, substituted_parameters
+from quantrain.wrapping.fusion import CLAMPS
+
+_SINGLE_OUTPUT = (("_output_0", 0),)
 
 __all__ = ["CHILD_NAME", "QuantizedModule", "attach", "detach", "is_quantized", "link_integer_bias", "quantized_class"]
 
@@ -52,6 +55,12 @@ class QuantizedModule(DerivedModule):
         fusion = self._modules.get(FUSION_NAME)
         if fusion is None:
             output = self.float_forward(self.quantized_parameters(), *args, **kwargs)
+        elif fusion.activation is not None and self._quant_outputs == _SINGLE_OUTPUT:
+            # The fused activation is a clamp: the output quantizer applies it, keeping one mask for both.
+            pre_activation = fusion.linear_forward(self, *args, **kwargs)
+            output = fake_quant["_output_0"](_tensor(fake_quant["_output_0"], pre_activation), CLAMPS[fusion.activation])
+            fusion.record(output)
+            return output
         else:
             output = fusion.fused_forward(self, *args, **kwargs)
         if self._quant_outputs:
