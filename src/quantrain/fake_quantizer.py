@@ -93,10 +93,11 @@ class FakeQuantizer(nn.Module):
         blocks = self._blocks_for(x) if self.activation else self._blocks
         if clamp is not None and blocks is not None:  # per-block scales: clamp first, then quantize as usual
             x, clamp = clamp_with_mask(x, *clamp), None
-        if clamp is not None:
+        observing = (self.training or self.calibrating) and self._observe
+        if clamp is not None and (observing or self._fake_quant):  # what is observed and quantized
             with torch.no_grad():
                 activated = torch.clamp(x, *clamp)
-        if (self.training or self.calibrating) and self._observe:
+        if observing:
             self.observer(x if clamp is None else activated, blocks)
             if not self._fake_quant:
                 return x if clamp is None else clamp_with_mask(x, *clamp)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from quantrain.config.settings import WHOLE
 
-__all__ = ["WHOLE", "block_layout", "ema_update", "ema_update_", "ema_update_all_", "min_max"]
+__all__ = ["WHOLE", "block_layout", "ema_update", "ema_update_all_", "min_max"]
 
 
 def block_layout(shape: tuple[int, ...] | torch.Size, blocks: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -57,13 +57,10 @@ def ema_update(average: Tensor, current: Tensor, decay: float) -> Tensor:
     return average * decay + (1 - decay) * current
 
 
-def ema_update_(average: Tensor, current: Tensor, decay: float) -> Tensor:
-    """:func:`ema_update` written into ``average`` (the same three roundings); ``current`` is overwritten."""
-    return average.mul_(decay).add_(current.mul_(1 - decay))
-
-
 def ema_update_all_(averages: list[Tensor], currents: list[Tensor], decay: float) -> None:
-    """:func:`ema_update_` for several pairs at once (three multi-tensor calls); ``currents`` are overwritten."""
+    """:func:`ema_update` for several pairs, written into ``averages`` (the same three roundings, as three
+    multi-tensor calls); ``currents`` are overwritten."""
+
     torch._foreach_mul_(averages, decay)
     torch._foreach_mul_(currents, 1 - decay)
     torch._foreach_add_(averages, currents)

@@ -119,10 +119,9 @@ class Fusion(nn.Module):
         return self._folded_forward(module, *args, **kwargs)
 
     def _folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        bn, fake_quant = self.bn, module.fake_quant
+        bn = self.bn
         if not (bn.training and not self._bn_frozen):
-            quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
-            quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
+            quantize_weight, quantize_bias = _parameter_quantizers(module)
             weight, bias = fold_parameters(module.weight, module.bias, bn)
             return module.float_forward({"weight": quantize_weight(weight), "bias": quantize_bias(bias)}, *args, **kwargs)
         if torch.compiler.is_compiling():
@@ -132,9 +131,8 @@ class Fusion(nn.Module):
         return self._live_folded_forward(module, *args, **kwargs)
 
     def _live_folded_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        bn, fake_quant = self.bn, module.fake_quant
-        quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
-        quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
+        bn = self.bn
+        quantize_weight, quantize_bias = _parameter_quantizers(module)
         factor = fold_factor(bn)
         safe = torch.where(factor == 0, torch.ones_like(factor), factor)
         weight = quantize_weight(module.weight * safe.reshape(_channel_shape(module.weight.dim(), 0)))
@@ -143,7 +141,7 @@ class Fusion(nn.Module):
         y = _ChannelDivide.apply(y, safe.reshape(shape))
         if module.bias is not None:
             y = y + module.bias.reshape(shape)
-        if "bias" in fake_quant:  # track the deployable bias's range while BN is live
+        if "bias" in module.fake_quant:  # track the deployable bias's range while BN is live
             with torch.no_grad():
                 quantize_bias(fold_parameters(module.weight, module.bias, bn)[1])
         return bn._float_class.forward(bn, y)
@@ -252,6 +250,14 @@ class _ChannelDivide(torch.autograd.Function):
 @torch.compiler.disable
 def _live_folded_eagerly(fusion: Fusion, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     return fusion._live_folded_forward(module, *args, **kwargs)
+
+
+def _parameter_quantizers(module: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """What the folded weight and bias go through: their fake quantizers, or none / the integer-bias rounding."""
+    fake_quant = module.fake_quant
+    quantize_weight = fake_quant["weight"] if "weight" in fake_quant else _identity  # noqa: SIM401 (ModuleDict)
+    quantize_bias = fake_quant["bias"] if "bias" in fake_quant else module.integer_bias  # noqa: SIM401
+    return quantize_weight, quantize_bias
 
 
 def _identity(x: Tensor) -> Tensor:
