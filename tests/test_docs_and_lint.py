@@ -32,5 +32,5 @@ def test_ruff_is_clean(command):
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed; install the test extra: pip install -e '.[test]'")
-    result = subprocess.run([ruff, *command, "src", "tests"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([ruff, *command, "src", "tests", "examples", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

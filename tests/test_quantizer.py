@@ -187,6 +187,29 @@ def test_steps_count_the_first_optimizer_only_and_manual_step():
     assert int(model.quantrain_step) == 5
 
 
+class _ClippingSGD(torch.optim.SGD):
+    """An optimizer subclass whose step calls SGD's: PyTorch runs the step hooks for both."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
+        return super().step(closure)
+
+
+def test_an_optimizer_subclass_calling_super_step_counts_once():
+    model = TwoLayer()
+    optimizer = _ClippingSGD(model.parameters(), lr=0.1)
+    quantizer = QATQuantizer(model, LINEAR_ALL)
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+    assert quantizer.current_step == 4
+    torch.optim.SGD(model.parameters(), lr=0.0).step()  # another optimizer: not counted, nothing left pending
+    optimizer.step()
+    assert quantizer.current_step == 5
+
+
 def test_calibration_config_has_the_reference_shape():
     model = nn.Sequential(nn.Conv2d(2, 3, 3))
     config = [

@@ -22,9 +22,20 @@ def test_readme_opens_with_two_pinned_commands_and_ci_runs_the_test_one():
     assert picked.stdout.strip() == commands[1]
 
 
-@pytest.mark.parametrize("index, printed", [(0, "torch.Size([32, 1])"), (1, "[('0', '1', '2')]"), (2, "[]\n1.0")])
-def test_python_blocks_run_and_print_what_they_say(index, printed, capsys):
+@pytest.mark.parametrize(
+    "index, printed, needs",
+    [
+        (0, "torch.Size([32, 1])", None),
+        (1, "[('0', '1', '2')]", None),
+        (2, "[]\n1.0", None),
+        (3, "8 8", "lightning"),
+        (4, "14 3", "transformers"),
+    ],
+)
+def test_python_blocks_run_and_print_what_they_say(index, printed, needs, capsys):
+    if needs is not None:
+        pytest.importorskip(needs, reason=f"this README block needs the {needs} extra")
     blocks = _blocks("python")
-    assert len(blocks) == 3
+    assert len(blocks) == 5
     exec(compile(blocks[index], f"README.md python block {index}", "exec"), {})
     assert printed in capsys.readouterr().out

@@ -34,8 +34,11 @@ __all__ = [
     "Evaluator",
     "FakeQuantizer",
     "Granularity",
+    "LightningEvaluator",
     "PtqQuantizer",
     "QATQuantizer",
+    "QuantizationCallback",
+    "QuantizationTrainerCallback",
     "Schedule",
     "deployable_config_list",
     "QuantDtype",
@@ -43,6 +46,7 @@ __all__ = [
     "RangeObserver",
     "TargetSettings",
     "TorchEvaluator",
+    "TransformersEvaluator",
     "check_parity",
     "export_onnx",
     "__version__",
@@ -54,10 +58,20 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The deploy layer needs onnx and onnxruntime (the "onnx" extra); import it only when asked for.
-    if name in ("export_onnx", "check_parity"):
-        from quantrain import deploy
+_LAZY = {
+    # Each needs an optional extra (onnx, lightning, transformers): imported only when asked for.
+    "export_onnx": "quantrain.deploy",
+    "check_parity": "quantrain.deploy",
+    "LightningEvaluator": "quantrain.integrations.lightning",
+    "QuantizationCallback": "quantrain.integrations.lightning",
+    "TransformersEvaluator": "quantrain.integrations.transformers",
+    "QuantizationTrainerCallback": "quantrain.integrations.transformers",
+}
 
-        return getattr(deploy, name)
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'quantrain' has no attribute {name!r}")

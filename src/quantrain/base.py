@@ -9,14 +9,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from quantrain.calibration import CalibrationConfig
 from quantrain.config.bias import plan_bias_sources
 from quantrain.config.fusion import plan_fusions
 from quantrain.config.parse import parse_config_list
 from quantrain.config.resolve import ModulePlan, TargetKind, resolve
+from quantrain.distributed import RangeSync, broadcast_state, check_same_layout
 from quantrain.evaluator import Evaluator
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.observer import RangeTracking
@@ -29,12 +32,16 @@ __all__ = ["FUSE_MODES", "STEP_BUFFER", "Quantizer"]
 STEP_BUFFER = "quantrain_step"
 LINK_ATTRIBUTE = "_quantrain_quantizer"
 FUSE_MODES = (None, "auto")
+DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # names DistributedDataParallel leaves alone (read when it wraps)
 
 
 class Quantizer:
     """Base class: quantizes ``model`` in place from ``config_list`` (see :class:`~quantrain.QATQuantizer`).
 
     Subclasses say how ranges are tracked (:meth:`_tracking`) and what each step changes (:meth:`_apply_schedule`).
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper: its ``module`` is quantized (names are relative to it,
+    and it becomes ``bound_model``), while the evaluator trains the wrapper.
     """
 
     def __init__(
@@ -45,12 +52,19 @@ class Quantizer:
         *,
         fuse: str | None = None,
         integer_bias: bool = False,
+        sync_ranges: bool = True,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
+        trained = model
+        model = model.module if isinstance(model, DistributedDataParallel) else model
         plans = self._plan(model, config_list, evaluator, fuse)
         _check_flag("integer_bias", integer_bias)
+        _check_flag("sync_ranges", sync_ranges)
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}")
         bias_sources, float_biases = plan_bias_sources(model, plans) if integer_bias else ((), ())
         if evaluator is not None:
-            evaluator.bind_model(model)
+            evaluator.bind_model(trained)
         self.bound_model = model
         self.evaluator = evaluator
         self.fuse = fuse
@@ -75,6 +89,7 @@ class Quantizer:
         # as long as it is quantized.
         _watch_optimizer_steps(self)
         self._hooks = [model.register_load_state_dict_post_hook(_AfterLoad(ref))]
+        self._connect_ranks(process_group, sync_ranges)
         # The model keeps its quantizer alive, so steps are counted even if the caller drops the quantizer object.
         model.__dict__[LINK_ATTRIBUTE] = _QuantizerLink(self)
 
@@ -103,6 +118,46 @@ class Quantizer:
         if not handover:
             check_wrappable(model, plans)
         return plans
+
+    def _connect_ranks(self, group: dist.ProcessGroup | None, enabled: bool) -> None:
+        """Reduce activation ranges across ranks (see :mod:`quantrain.distributed`), and keep DistributedDataParallel
+        from broadcasting quantrain's buffers, which the ranks keep identical themselves."""
+        self.range_sync = RangeSync(self._first_sync, group, enabled)
+        self._calibrating_now = False
+        for fq in self.fake_quantizers():
+            if fq.activation:  # weights are identical on every rank under DDP: nothing to reduce
+                fq.observer.reducer = self.range_sync
+        self._hooks.append(self.bound_model.register_forward_pre_hook(_BeforeForward(weakref.ref(self))))
+        self._ddp_ignored_before = self.bound_model.__dict__.get(DDP_IGNORE)
+        owned = [name for name, _ in self.bound_model.named_buffers() if is_quantrain_key(name)]
+        self.bound_model.__dict__[DDP_IGNORE] = [*(self._ddp_ignored_before or ()), *owned]
+
+    def _before_forward(self) -> None:
+        sync = self.range_sync
+        if not sync.ready and (self.bound_model.training or self._calibrating_now) and sync.active():
+            sync.first_sync()
+
+    def _first_sync(self) -> None:
+        """Every rank quantized the model alike (else ``ValueError`` on all), then rank 0's quantization state."""
+        group = self.range_sync.group
+        check_same_layout(self._layout(), group, _device_of(self.bound_model))
+        state = {name: buffer for name, buffer in self.bound_model.named_buffers() if is_quantrain_key(name)}
+        self.bound_model.load_state_dict(broadcast_state(state, group), strict=False)
+
+    def _layout(self) -> list[str]:
+        """How the model is quantized, one line per target and fusion (compared across ranks)."""
+        lines = [f"{type(self).__name__}: {self._options()}"]
+        for name, module in self._modules.items():
+            lines += [
+                f"{name}.{target}: {fq.extra_repr()}, {fq.observer.extra_repr()}" for target, fq in module.fake_quant.items()
+            ]
+            fusion = module._modules.get(FUSION_NAME)
+            if fusion is not None:
+                lines.append(f"{name}: {fusion.extra_repr()}")
+        return lines
+
+    def _options(self) -> str:
+        return f"integer_bias={self.integer_bias}"
 
     def _tracking(self, kind: TargetKind) -> RangeTracking:
         return RangeTracking.MOVING_AVERAGE
@@ -154,9 +209,11 @@ class Quantizer:
         quantizers = list(self.fake_quantizers())
         for fq in quantizers:
             fq.calibrating = True
+        self._calibrating_now = True
         try:
             yield
         finally:
+            self._calibrating_now = False
             for fq in quantizers:
                 fq.calibrating = False
 
@@ -204,6 +261,9 @@ class Quantizer:
         unwrap(self._modules)
         del self.bound_model._buffers[STEP_BUFFER]
         self.bound_model.__dict__.pop(LINK_ATTRIBUTE, None)
+        self.bound_model.__dict__.pop(DDP_IGNORE, None)
+        if self._ddp_ignored_before is not None:
+            self.bound_model.__dict__[DDP_IGNORE] = self._ddp_ignored_before
         _remove_hooks(self._hooks)
         _LIVE_QUANTIZERS.discard(self)
         self._modules = {}
@@ -276,10 +336,24 @@ def _watch_optimizer_steps(quantizer: Quantizer) -> None:
     """
     _LIVE_QUANTIZERS.add(quantizer)
     if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(_before_optimizer_step))
         _STEP_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
 
 
+_STEP_DEPTH: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
+"""Optimizer steps in progress: an optimizer subclass whose ``step`` calls ``super().step()`` runs the global hooks
+once per class; only the outermost step is counted."""
+
+
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _STEP_DEPTH[optimizer] = _STEP_DEPTH.get(optimizer, 0) + 1
+
+
 def _on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    depth = _STEP_DEPTH.pop(optimizer, 1) - 1
+    if depth > 0:
+        _STEP_DEPTH[optimizer] = depth
+        return
     for quantizer in list(_LIVE_QUANTIZERS):
         quantizer._on_step(optimizer)
 
@@ -316,6 +390,21 @@ class _AfterLoad:
 
     def __reduce__(self):
         return _AfterLoad, (None,)
+
+
+class _BeforeForward:
+    """Forward pre-hook on the model: the first training forward under a process group checks and aligns the ranks."""
+
+    def __init__(self, ref: weakref.ref | None) -> None:
+        self.ref = ref
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        quantizer = self.ref() if self.ref is not None else None
+        if quantizer is not None:
+            quantizer._before_forward()
+
+    def __reduce__(self):
+        return _BeforeForward, (None,)
 
 
 def _remove_hooks(handles: list) -> None:

@@ -8,7 +8,8 @@ Three ways to combine batches (:class:`RangeTracking`), the first observed batch
 
 The range is per tensor or per block, as the caller's block layout says. All state is in buffers:
 ``tracked_min``, ``tracked_max`` (float32) and ``seeded`` (uint8), so it is saved, loaded and broadcast with the
-model. A Python mirror of ``seeded`` keeps the forward free of host synchronisation.
+model. A Python mirror of ``seeded`` keeps the forward free of host synchronisation. An optional ``reducer``
+combines each batch's range with the other processes' before it is tracked (see :mod:`quantrain.distributed`).
 
 Under ``torch.compile`` the forward does not branch on that mirror (a guard on it would recompile the model once
 it flips): the first batch is selected by ``seeded`` inside the graph (``torch.where``, the same numbers), and the
@@ -25,6 +26,7 @@ batch's shape (a graph cannot resize its inputs), so the call after it recompile
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +36,9 @@ from quantrain.ops.ranges import ema_update, ema_update_all_, min_max
 __all__ = ["RangeObserver", "RangeTracking", "resize_buffers_for_load"]
 
 DEFAULT_DECAY = 0.99
+
+RangeReducer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""Combines a batch's per-block ``(min, max)`` with other sources of the same batch (other processes)."""
 
 
 class RangeTracking(enum.Enum):
@@ -70,11 +75,15 @@ class RangeObserver(nn.Module):
         self.register_buffer("tracked_max", torch.zeros(size, device=device))
         self.register_buffer("seeded", torch.zeros((), dtype=torch.uint8, device=device))
         self._seeded = False
+        self.reducer: RangeReducer | None = None  # e.g. quantrain.distributed.RangeSync (not state: not saved)
 
     @torch.no_grad()
     def forward(self, x: Tensor, blocks: tuple[int, ...] | None = None) -> None:
         current_min, current_max = min_max(x, blocks)
         current_min, current_max = current_min.float(), current_max.float()
+        if self.reducer is not None:
+            current_min, current_max = self.reducer(current_min, current_max)
+
         if torch.compiler.is_compiling():
             self._compiled_update(current_min, current_max, tuple(x.shape))
             return

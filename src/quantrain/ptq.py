@@ -50,6 +50,8 @@ class PtqQuantizer(Quantizer):
         evaluator: optional data source for :meth:`compress`.
         fuse: ``None`` or ``'auto'``, as for :class:`~quantrain.QATQuantizer`.
         integer_bias: as for :class:`~quantrain.QATQuantizer`.
+        sync_ranges, process_group: as for :class:`~quantrain.QATQuantizer`: under DistributedDataParallel each
+            calibration batch's extremes are reduced across ranks, so the ranges are those of the global data.
     """
 
     def __init__(
@@ -60,8 +62,18 @@ class PtqQuantizer(Quantizer):
         *,
         fuse: str | None = None,
         integer_bias: bool = False,
+        sync_ranges: bool = True,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(model, config_list, evaluator, fuse=fuse, integer_bias=integer_bias)
+        super().__init__(
+            model,
+            config_list,
+            evaluator,
+            fuse=fuse,
+            integer_bias=integer_bias,
+            sync_ranges=sync_ranges,
+            process_group=process_group,
+        )
 
         self.is_compressed = False
         for fusion in self.fusions():

@@ -60,6 +60,12 @@ class QATQuantizer(Quantizer):
             or, found by tracing the model, the ``_output_`` of the module upstream (through max pooling, ReLU,
             reshapes and dropout). The model then computes what ONNX Runtime's integer kernels compute, so the
             exported int8 model agrees with it far more closely. Off by default (the reference keeps biases float).
+        sync_ranges: under a ``torch.distributed`` process group of several ranks (DistributedDataParallel),
+            reduce each activation's batch range across ranks before the moving average, so every rank holds the
+            same ranges, scales and zero points, those of a single process seeing the global batch (see
+            :mod:`quantrain.distributed`). Every rank must then run its training forwards together. ``False``
+            keeps each rank's ranges to itself.
+        process_group: the group to reduce over (default: the default group).
     """
 
     def __init__(
@@ -75,16 +81,26 @@ class QATQuantizer(Quantizer):
         weight_range: str = "ema",
         fuse: str | None = None,
         integer_bias: bool = False,
+        sync_ranges: bool = True,
+        process_group: Any = None,
     ) -> None:
-        self.schedule, self.weight_range = self._options(
+        self.schedule, self.weight_range = self._check_options(
             quant_start_step, activation_start_step, freeze_bn_step, freeze_range_step, weight_range
         )
-        super().__init__(model, config_list, evaluator, fuse=fuse, integer_bias=integer_bias)
+        super().__init__(
+            model,
+            config_list,
+            evaluator,
+            fuse=fuse,
+            integer_bias=integer_bias,
+            sync_ranges=sync_ranges,
+            process_group=process_group,
+        )
         self._phase: Phase | None = None
         self._apply_schedule()
 
     @staticmethod
-    def _options(
+    def _check_options(
         quant_start_step: Any = 0,
         activation_start_step: Any = None,
         freeze_bn_step: Any = None,
@@ -133,10 +149,12 @@ class QATQuantizer(Quantizer):
         }
         fuse = kwargs.pop("fuse", None)
         integer_bias = kwargs.pop("integer_bias", compressor.integer_bias)
+        sync_ranges = kwargs.pop("sync_ranges", compressor.range_sync.enabled)
+        process_group = kwargs.pop("process_group", compressor.range_sync.group)
         if kwargs:
             raise TypeError(f"from_compressor() got unexpected arguments {sorted(kwargs)}")
         # Everything is validated while the earlier quantizer still holds the model, so a bad argument changes nothing.
-        cls._options(quant_start_step, **options)
+        cls._check_options(quant_start_step, **options)
         cls._plan(model, new_config_list, evaluator, fuse, handover=True)
         if evaluator is not None and evaluator is not compressor.evaluator:
             evaluator.bind_model(model)
@@ -146,7 +164,17 @@ class QATQuantizer(Quantizer):
             for target, fq in module.fake_quant.items()
         }
         compressor.unwrap_model()
-        quantizer = cls(model, new_config_list, evaluator, quant_start_step, fuse=fuse, integer_bias=integer_bias, **options)
+        quantizer = cls(
+            model,
+            new_config_list,
+            evaluator,
+            quant_start_step,
+            fuse=fuse,
+            integer_bias=integer_bias,
+            sync_ranges=sync_ranges,
+            process_group=process_group,
+            **options,
+        )
 
         for name, module in quantizer._modules.items():
             for target, fq in module.fake_quant.items():
@@ -158,6 +186,9 @@ class QATQuantizer(Quantizer):
 
     def _tracking(self, kind: TargetKind) -> RangeTracking:
         return WEIGHT_RANGES[self.weight_range] if kind is TargetKind.PARAMETER else RangeTracking.MOVING_AVERAGE
+
+    def _options(self) -> str:
+        return f"{super()._options()}, weight_range={self.weight_range}, {self.schedule}"
 
     def _apply_schedule(self) -> None:
         phase = self.schedule.phase(self._current_step)

@@ -24,7 +24,7 @@ from quantrain.config.resolve import FusionPlan, ModulePlan, float_type
 __all__ = ["plan_fusions", "trace"]
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 

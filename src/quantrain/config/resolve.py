@@ -286,7 +286,7 @@ def _locate_input(module: nn.Module, slot: str | int) -> tuple[int | None, str |
 
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 

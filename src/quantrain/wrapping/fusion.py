@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from quantrain.distributed import synced_batch_norm, world_size
 from quantrain.ops.fake_quant import clamp_with_mask
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 
@@ -144,6 +145,8 @@ class Fusion(nn.Module):
         if "bias" in module.fake_quant:  # track the deployable bias's range while BN is live
             with torch.no_grad():
                 quantize_bias(fold_parameters(module.weight, module.bias, bn)[1])
+        if isinstance(bn, nn.SyncBatchNorm) and world_size(bn.process_group) > 1:
+            return synced_batch_norm(bn, y)  # SyncBatchNorm's own forward runs on GPUs only
         return bn._float_class.forward(bn, y)
 
     def freeze_bn(self, frozen: bool = True) -> None:
