@@ -53,10 +53,12 @@ def batch(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch
     return x[rank * size : (rank + 1) * size], y[rank * size : (rank + 1) * size]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0, world: int = 1, steps: int = STEPS) -> None:
+def train(
+    model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0, world: int = 1, steps: int = STEPS, device: str = "cpu"
+) -> None:
     model.train()
     for step in range(steps):
-        x, y = batch(step, rank, world)
+        x, y = (t.to(device) for t in batch(step, rank, world))
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -78,7 +80,7 @@ def snapshot(quantizer, model: nn.Module) -> dict:
     """What the tests compare: the calibration_config, the weights and the step."""
     return {
         "calibration": quantizer.get_calibration_config(),
-        "weights": {k: v.detach().clone() for k, v in model.state_dict().items() if "fake_quant" not in k},
+        "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "fake_quant" not in k},
         "step": quantizer.current_step,
     }
 
@@ -91,11 +93,11 @@ def tracked_ranges(quantizer) -> dict:
     }
 
 
-def reference(make_model: Callable[[], nn.Module], config: list, steps: int = STEPS) -> dict:
+def reference(make_model: Callable[[], nn.Module], config: list, steps: int = STEPS, device: str = "cpu") -> dict:
     """A single process training on the whole global batch."""
-    model = make_model()
+    model = make_model().to(device)
     quantizer = QATQuantizer(model, config)
-    train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=steps)
+    train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=steps, device=device)
     return snapshot(quantizer, model)
 
 
@@ -209,3 +211,12 @@ def mismatched_configs(rank: int, world: int, out: Path) -> dict:
         message = None
     unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     return {"message": message, "unchanged": unchanged}
+
+
+def folded_sync_bn_on_cuda(rank: int, world: int, out: Path) -> dict:
+    """DDP with a folded SyncBatchNorm on a GPU (both ranks share it, through gloo)."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(cnn_bn()).cuda()
+    quantizer = QATQuantizer(model, FOLD_CONFIG)
+    ddp = DDP(model, device_ids=[0])
+    train(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), rank, world, device="cuda")
+    return snapshot(quantizer, model)

@@ -35,7 +35,7 @@ def calculate_qparams(
         return scale, torch.full_like(scale, float(symmetric_zero_point(qmin, qmax)))
     lo = torch.clamp(tracked_min, max=0.0)
     hi = torch.clamp(tracked_max, min=0.0)
-    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
+    scale = torch.clamp(_divide(hi - lo, float(qmax - qmin)), min=EPS)
     zero_point = qmin - torch.round(lo / scale)
     return scale, torch.clamp(zero_point, qmin, qmax)
 
@@ -43,7 +43,15 @@ def calculate_qparams(
 def symmetric_scale(tracked_min: Tensor, tracked_max: Tensor, qmin: int, qmax: int) -> Tensor:
     """``max(|min(lo, 0)|, |max(hi, 0)|) / ((qmax - qmin) / 2)``, floored at eps, computed as
     ``max(-lo, hi) / ((qmax - qmin) / 2)`` floored at eps (the same numbers in four operations)."""
-    return torch.clamp(torch.maximum(torch.neg(tracked_min), tracked_max) / (float(qmax - qmin) / 2), min=EPS)
+    return torch.clamp(_divide(torch.maximum(torch.neg(tracked_min), tracked_max), float(qmax - qmin) / 2), min=EPS)
+
+
+def _divide(x: Tensor, divisor: float) -> Tensor:
+    """``x / divisor``, correctly rounded on every device: PyTorch's CUDA kernel multiplies by the reciprocal of a
+    CPU scalar divisor (one unit in the last place off for some ranges), so elsewhere the divisor is a device tensor."""
+    if x.device.type == "cpu":
+        return x / divisor
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
 
 
 def symmetric_zero_point(qmin: int, qmax: int) -> int:
