@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -197,8 +197,10 @@ class Quantizer:
     # ---- forwards ----------------------------------------------------------------------------------------
 
     def track_forward(self, *args: Any, **kwargs: Any) -> None:
-        """Run one no-grad forward that tracks ranges, whatever the model's mode, so every buffer has its shape
-        (call it before wrapping the model in DistributedDataParallel)."""
+        """Run one no-grad forward that tracks ranges, whatever the model's mode, so every buffer has its shape.
+
+        Under a process group of several ranks (with ``sync_ranges``) it reduces ranges across ranks, so every rank
+        must call it together."""
         self._check_wrapped()
         with self._calibrating(), torch.no_grad():
             self.bound_model(*args, **kwargs)
@@ -255,6 +257,39 @@ class Quantizer:
                     config.setdefault(name, {})[target] = _calibration_entry(fq)
         return config
 
+    def set_calibration_config(self, calibration_config: CalibrationConfig, *, strict: bool = True) -> list[str]:
+        """Load scales, zero points and ranges from a calibration_config (``get_calibration_config()``'s shape, or
+        :func:`~quantrain.load_calibration_config` of a JSON file, NNI 3.0's included), e.g. to export a model
+        calibrated elsewhere. Every entry is checked against this quantizer's targets first (its ``quant_dtype``,
+        ``quant_scheme``, ``quant_bits`` and shapes), and nothing changes unless all fit.
+
+        Returns the quantizer's targets the config does not cover (``module.target``). With ``strict`` (the default)
+        an entry for a module or target this quantizer does not quantize is a ``ValueError``; otherwise it is skipped.
+        """
+        self._check_wrapped()
+        if not isinstance(calibration_config, Mapping):
+            kind = type(calibration_config).__name__
+            raise TypeError(f"calibration_config must be a dict {{module: {{target: {{...}}}}}}, got {kind}")
+        planned = []
+        for module, targets in calibration_config.items():
+            for target, entry in (targets or {}).items():
+                fq = self._target(module, target, strict)
+                if fq is not None:
+                    planned.append((fq, fq.check_qparams(**_checked_entry(fq, entry))))
+        for fq, qparams in planned:  # all checked: now written
+            fq.apply_qparams(qparams)
+        covered = {id(fq) for fq, _ in planned}
+        return [fq.label for fq in self.fake_quantizers() if id(fq) not in covered]
+
+    def _target(self, module: str, target: str, strict: bool) -> FakeQuantizer | None:
+        fake_quant = self._modules[module].fake_quant if module in self._modules else {}
+        if target in fake_quant:
+            return fake_quant[target]
+        if strict:
+            where = f"module {module!r}" if module in self._modules else f"{module!r} is not a quantized module"
+            raise ValueError(f"calibration_config[{module!r}][{target!r}]: no such target ({where}; strict=False skips it)")
+        return None
+
     def unwrap_model(self) -> nn.Module:
         """Remove every quantizer: the model is its float self again, with the trained weights."""
         self._check_wrapped()
@@ -278,7 +313,31 @@ class Quantizer:
         self._current_step = int(self.bound_model.get_buffer(STEP_BUFFER).item())
 
 
+def _checked_entry(fq: FakeQuantizer, entry: Any) -> dict[str, Any]:
+    """``entry``'s tensors for :meth:`FakeQuantizer.set_qparams`, after checking its dtype and scheme against ``fq``."""
+    where = f"calibration_config entry {fq.label}"
+    if not isinstance(entry, Mapping) or "scale" not in entry or "zero_point" not in entry:
+        raise ValueError(f"{where}: expected a dict with 'scale' and 'zero_point'")
+    s = fq.settings
+    expected = {"quant_dtype": s.dtype.name, "quant_scheme": s.scheme.value, "quant_bits": s.dtype.bits}
+    for key, value in expected.items():
+        given = entry.get(key)
+        if key == "quant_dtype" and given is None and "quant_dtype" in entry:
+            given = "int8"  # NNI writes None for its default
+        if given is not None and given != value:
+            raise ValueError(f"{where}: {key} is {given!r}, but this quantizer's config gives {value!r}")
+    tensors = {}
+    for key in ("scale", "zero_point", "tracked_min", "tracked_max"):
+        if entry.get(key) is not None:
+            try:
+                tensors[key] = torch.as_tensor(entry[key], dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(f"{where}: {key} is not a number or nested list of numbers ({exc})") from None
+    return tensors
+
+
 def _calibration_entry(fq: FakeQuantizer) -> dict[str, Any]:
+
     s = fq.settings
     return {
         "scale": _cpu(fq.scale),

@@ -28,6 +28,8 @@ False
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +38,16 @@ from quantrain.observer import RangeObserver, RangeTracking, resize_buffers_for_
 from quantrain.ops.fake_quant import clamp_with_mask, fake_quantize_clamped, quantize_dequantize
 from quantrain.ops.qparams import calculate_qparams, symmetric_scale, symmetric_zero_point
 
-__all__ = ["FakeQuantizer"]
+__all__ = ["FakeQuantizer", "QParams"]
+
+
+class QParams(NamedTuple):
+    """A target's quantization parameters and the range they represent, shaped like the target's."""
+
+    scale: Tensor
+    zero_point: Tensor
+    tracked_min: Tensor
+    tracked_max: Tensor
 
 
 class FakeQuantizer(nn.Module):
@@ -139,7 +150,73 @@ class FakeQuantizer(nn.Module):
             self.calibrated.fill_(1)
             self._calibrated = True
 
+    def set_qparams(
+        self, scale: Tensor, zero_point: Tensor, tracked_min: Tensor | None = None, tracked_max: Tensor | None = None
+    ) -> None:
+        """Take ``scale`` and ``zero_point`` (and the range they came from) from elsewhere, e.g. a saved
+        calibration_config; the quantizer is then calibrated. Raises ``ValueError`` (naming this target) before
+        changing anything when they do not fit its settings (see :meth:`check_qparams`)."""
+        self.apply_qparams(self.check_qparams(scale, zero_point, tracked_min, tracked_max))
+
+    def check_qparams(
+        self, scale: Tensor, zero_point: Tensor, tracked_min: Tensor | None = None, tracked_max: Tensor | None = None
+    ) -> QParams:
+        """Validate qparams for this target (count, positivity, integral zero points in range, the symmetric zero
+        point) and shape them like its own; nothing changes.
+
+        Without a range, the one the scale and zero point represent is used: ``[(qmin - zp) * s, (qmax - zp) * s]``
+        (affine) or ``[-s * (qmax - qmin) / 2, s * (qmax - qmin) / 2]`` (symmetric).
+        """
+        qmin, qmax = self.settings.qmin, self.settings.qmax
+        shape = self._incoming_shape(scale)
+        values = {"scale": scale, "zero_point": zero_point, "tracked_min": tracked_min, "tracked_max": tracked_max}
+        values = {k: None if v is None else self._shaped(k, v, shape) for k, v in values.items()}
+        scale, zero_point = values["scale"], values["zero_point"]
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"{self.label}: scale must be finite and positive")
+        if not (zero_point == zero_point.round()).all() or zero_point.min() < qmin or zero_point.max() > qmax:
+            raise ValueError(f"{self.label}: zero_point must hold integers in [{qmin}, {qmax}] for {self.settings.dtype.name}")
+        if self._symmetric and (zero_point != symmetric_zero_point(qmin, qmax)).any():
+            raise ValueError(
+                f"{self.label}: a symmetric {self.settings.dtype.name} target has zero_point "
+                f"{symmetric_zero_point(qmin, qmax)}, got {sorted(set(zero_point.flatten().tolist()))[:4]}"
+            )
+        lo, hi = values["tracked_min"], values["tracked_max"]
+        if lo is None or hi is None:
+            half = scale * (qmax - qmin) / 2
+            lo, hi = (-half, half) if self._symmetric else ((qmin - zero_point) * scale, (qmax - zero_point) * scale)
+        return QParams(scale, zero_point, lo, hi)
+
+    @torch.no_grad()
+    def apply_qparams(self, qparams: QParams) -> None:
+        """Write qparams from :meth:`check_qparams`: scale, zero point, tracked range; the quantizer is calibrated."""
+        for buffer, value in ((self.scale, qparams.scale), (self.zero_point, qparams.zero_point)):
+            buffer.resize_(value.shape).copy_(value)
+        self.observer.set_range(qparams.tracked_min, qparams.tracked_max)
+        self.calibrated.fill_(1)
+        self._calibrated = True
+
+    def _incoming_shape(self, scale: Tensor) -> tuple[int, ...]:
+        """The shape the qparams take: this target's own where known (per tensor, or a parameter's per-block shape)."""
+        if self.settings.granularity.kind is GranularityKind.PER_TENSOR:
+            if scale.numel() != 1:
+                raise ValueError(f"{self.label}: a per-tensor target takes one scale, got {scale.numel()}")
+            return ()
+        known = tuple(self.scale.shape)
+        if self.scale.numel() > 0:
+            if scale.numel() != self.scale.numel():
+                raise ValueError(f"{self.label}: expected {self.scale.numel()} scales (shape {known}), got {scale.numel()}")
+            return known
+        return tuple(scale.shape)
+
+    def _shaped(self, name: str, value: Tensor, shape: tuple[int, ...]) -> Tensor:
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.scale.device)
+        if value.numel() != torch.Size(shape).numel():
+            raise ValueError(f"{self.label}: {name} has {value.numel()} values, the scale {torch.Size(shape).numel()}")
+        return value.reshape(shape)
+
     def enable_observer(self, enabled: bool = True) -> None:
+
         self.observer_enabled.fill_(int(enabled))
         self._observe = bool(enabled)
 

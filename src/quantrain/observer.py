@@ -140,8 +140,14 @@ class RangeObserver(nn.Module):
         self.seeded.fill_(1)
         self._seeded = True  # written, never read, in the graph: no guard, no recompilation
 
+    @torch.no_grad()
+    def set_range(self, tracked_min: Tensor, tracked_max: Tensor) -> None:
+        """Start from a known range (a saved calibration), as if it had been tracked."""
+        self._seed(tracked_min.to(self.tracked_min), tracked_max.to(self.tracked_max))
+
     @property
     def is_seeded(self) -> bool:
+
         return self._seeded
 
     def reset(self) -> None:
