@@ -22,6 +22,11 @@ def test_readme_opens_with_two_pinned_commands_and_ci_runs_the_test_one():
     assert picked.stdout.strip() == commands[1]
 
 
+def test_the_quickstart_is_under_15_lines():
+    quickstart = _blocks("python")[0].strip().splitlines()
+    assert len(quickstart) < 15
+
+
 @pytest.mark.parametrize(
     "index, printed, needs",
     [

@@ -33,6 +33,7 @@ STEP_BUFFER = "quantrain_step"
 LINK_ATTRIBUTE = "_quantrain_quantizer"
 FUSE_MODES = (None, "auto")
 DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # names DistributedDataParallel leaves alone (read when it wraps)
+NONFINITE_CHECK_EVERY = 100
 
 
 class Quantizer:
@@ -177,6 +178,34 @@ class Quantizer:
         self._current_step += 1
         self.bound_model.get_buffer(STEP_BUFFER).fill_(self._current_step)
         self._apply_schedule()
+        if self._current_step % NONFINITE_CHECK_EVERY == 0 or self.bound_model.get_buffer(STEP_BUFFER).device.type == "cpu":
+            self.check_nonfinite()
+
+    def check_nonfinite(self) -> dict[str, int]:
+        """Warn (``RuntimeWarning``) naming each target that saw batches with NaN or infinity since the last check;
+        those were left out of its tracked range. Returns each such target's count since then.
+
+        Done after every optimizer step when the model is on the CPU (a read of a few counters), every
+        ``NONFINITE_CHECK_EVERY`` steps on an accelerator (where a read waits for the device), and when ranges are
+        tracked through :meth:`track_forward` or read through :meth:`get_calibration_config`.
+        """
+        quantizers = [fq for fq in self.fake_quantizers() if fq.observer.skip_nonfinite]
+        if not quantizers:
+            return {}
+        totals = torch.stack([fq.observer.nonfinite_batches for fq in quantizers]).tolist()
+        seen = self.__dict__.setdefault("_nonfinite_seen", {})
+        new = {fq.label: total - seen.get(fq.label, 0) for fq, total in zip(quantizers, totals, strict=True)}
+        new = {label: count for label, count in new.items() if count > 0}
+        seen.update({fq.label: total for fq, total in zip(quantizers, totals, strict=True)})
+        if new:
+            listed = ", ".join(f"{label} ({count})" for label, count in new.items())
+            warnings.warn(
+                f"quantrain: NaN or infinity reached {listed} (batches in parentheses); those batches were left out of "
+                "the tracked ranges, which stay finite",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return new
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Count the steps of ``optimizer`` (instead of the first optimizer seen stepping on the model)."""
@@ -204,6 +233,7 @@ class Quantizer:
         self._check_wrapped()
         with self._calibrating(), torch.no_grad():
             self.bound_model(*args, **kwargs)
+        self.check_nonfinite()
 
     @contextlib.contextmanager
     def _calibrating(self) -> Iterator[None]:
@@ -250,6 +280,7 @@ class Quantizer:
     def get_calibration_config(self) -> CalibrationConfig:
         """``{module: {target: {scale, zero_point, quant_dtype, quant_scheme, quant_bits, tracked_min, tracked_max}}}``
         for every target that has a scale (CPU tensors; zero_point as float)."""
+        self.check_nonfinite()
         config: CalibrationConfig = {}
         for name, module in self._modules.items():
             for target, fq in module.fake_quant.items():
@@ -311,6 +342,10 @@ class Quantizer:
 
     def _loaded(self) -> None:
         self._current_step = int(self.bound_model.get_buffer(STEP_BUFFER).item())
+        # Counts of NaN/infinity that came with the checkpoint were reported where they happened.
+        self.__dict__["_nonfinite_seen"] = {
+            fq.label: int(fq.observer.nonfinite_batches) for fq in self.fake_quantizers() if fq.observer.skip_nonfinite
+        }
 
 
 def _checked_entry(fq: FakeQuantizer, entry: Any) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class FakeQuantizer(nn.Module):
         self._blocks = None if per_tensor else blocks
         self._activation_blocks: dict[int, tuple[int, ...] | None] = {}
         shape = () if per_tensor else range_shape
-        self.observer = RangeObserver(shape, tracking=tracking, device=device)
+        self.observer = RangeObserver(shape, tracking=tracking, skip_nonfinite=activation, device=device)
         self.calibrating = False  # observe whatever the training mode (post-training calibration)
         size = (0,) if shape is None else shape
         self.register_buffer("scale", torch.ones(size, device=device))
@@ -110,9 +110,11 @@ class FakeQuantizer(nn.Module):
                 activated = torch.clamp(x, *clamp)
         if observing:
             self.observer(x if clamp is None else activated, blocks)
-            if not self._fake_quant:
+            unseeded = not (torch.compiler.is_compiling() or self.observer.is_seeded)  # no finite value seen yet
+            if not self._fake_quant or (unseeded and not self._calibrated):
                 return x if clamp is None else clamp_with_mask(x, *clamp)
-            self._update_qparams()  # the range is seeded now, so this calibrates
+            if not unseeded:
+                self._update_qparams()  # the range is seeded now, so this calibrates
         elif not (self._fake_quant and self._calibrated):
             return x if clamp is None else clamp_with_mask(x, *clamp)
         zero_point = None if self._zero_free else self.zero_point

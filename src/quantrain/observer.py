@@ -11,6 +11,9 @@ The range is per tensor or per block, as the caller's block layout says. All sta
 model. A Python mirror of ``seeded`` keeps the forward free of host synchronisation. An optional ``reducer``
 combines each batch's range with the other processes' before it is tracked (see :mod:`quantrain.distributed`).
 
+NaN and infinity never reach the range: with ``skip_nonfinite`` a block of a batch that holds one is left out (the
+block keeps its tracked range) and the batch is counted in ``nonfinite_batches``.
+
 Under ``torch.compile`` the forward does not branch on that mirror (a guard on it would recompile the model once
 it flips): the first batch is selected by ``seeded`` inside the graph (``torch.where``, the same numbers), and the
 mirror is only written. A range whose shape is not known up front (``shape=None``) gets new buffers of the first
@@ -54,6 +57,9 @@ class RangeObserver(nn.Module):
         shape: the range's shape when known up front (parameters); ``None`` sizes it on the first batch.
         tracking: how batches combine (see the module docstring).
         decay: weight of the running value in the moving average.
+        skip_nonfinite: leave out of the range each block of a batch that holds NaN or infinity, counting such
+            batches in ``nonfinite_batches`` (a few operations on the per-block range, no host read); a block left
+            out keeps its tracked range. Quantizers do this for activations; a weight with NaN is beyond repair.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class RangeObserver(nn.Module):
         *,
         tracking: RangeTracking = RangeTracking.MOVING_AVERAGE,
         decay: float = DEFAULT_DECAY,
+        skip_nonfinite: bool = True,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -74,6 +81,10 @@ class RangeObserver(nn.Module):
         self.register_buffer("tracked_min", torch.zeros(size, device=device))
         self.register_buffer("tracked_max", torch.zeros(size, device=device))
         self.register_buffer("seeded", torch.zeros((), dtype=torch.uint8, device=device))
+        self.skip_nonfinite = skip_nonfinite
+        if skip_nonfinite:
+            self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64, device=device))
+
         self._seeded = False
         self.reducer: RangeReducer | None = None  # e.g. quantrain.distributed.RangeSync (not state: not saved)
 
@@ -81,17 +92,26 @@ class RangeObserver(nn.Module):
     def forward(self, x: Tensor, blocks: tuple[int, ...] | None = None) -> None:
         current_min, current_max = min_max(x, blocks)
         current_min, current_max = current_min.float(), current_max.float()
+        finite = self._finite_blocks(current_min, current_max) if self.skip_nonfinite else None
         if self.reducer is not None:
+            if finite is not None:  # a block left out here takes the other processes' range (neutral min and max)
+                current_min = torch.where(finite, current_min, torch.inf)
+                current_max = torch.where(finite, current_max, -torch.inf)
             current_min, current_max = self.reducer(current_min, current_max)
+            if finite is not None:
+                finite = torch.isfinite(current_min + current_max)
 
         if torch.compiler.is_compiling():
-            self._compiled_update(current_min, current_max, tuple(x.shape))
+            self._compiled_update(current_min, current_max, finite, tuple(x.shape))
             return
         if not self._seeded:
-            self._seed(current_min, current_max)
+            self._seed_finite(current_min, current_max, finite)
             return
         if current_min.shape != self.tracked_min.shape:
             raise _shape_changed(self.tracked_min.shape, current_min.shape, tuple(x.shape))
+        if finite is not None:  # a block left out keeps its range
+            current_min = torch.where(finite, current_min, self.tracked_min)
+            current_max = torch.where(finite, current_max, self.tracked_max)
         if self.tracking is RangeTracking.MOVING_AVERAGE:
             ema_update_all_([self.tracked_min, self.tracked_max], [current_min, current_max], self.decay)
         elif self.tracking is RangeTracking.RUNNING_EXTREMES:
@@ -101,13 +121,28 @@ class RangeObserver(nn.Module):
             self.tracked_min.copy_(current_min)
             self.tracked_max.copy_(current_max)
 
+    def _finite_blocks(self, current_min: Tensor, current_max: Tensor) -> Tensor:
+        """Which blocks hold no NaN or infinity (their min + max is finite; beyond 1.7e38 it overflows, and such a
+        range would give an infinite scale anyway); counts the batches with any other."""
+        finite = torch.isfinite(current_min + current_max)
+        self.nonfinite_batches.add_(finite.logical_not() if finite.dim() == 0 else finite.logical_not().any())
+        return finite
+
+    def _seed_finite(self, current_min: Tensor, current_max: Tensor, finite: Tensor | None) -> None:
+        """Seed from the first batch with a finite range (a once-only host read): blocks with NaN or infinity in it
+        start at 0 (the range always contains 0), and a batch with no finite block seeds nothing."""
+        if finite is None or bool(finite.all()):
+            self._seed(current_min, current_max)
+        elif bool(finite.any()):
+            self._seed(torch.where(finite, current_min, 0.0), torch.where(finite, current_max, 0.0))
+
     def _seed(self, current_min: Tensor, current_max: Tensor) -> None:
         self.tracked_min.resize_(current_min.shape).copy_(current_min)
         self.tracked_max.resize_(current_max.shape).copy_(current_max)
         self.seeded.fill_(1)
         self._seeded = True
 
-    def _compiled_update(self, current_min: Tensor, current_max: Tensor, x_shape: tuple[int, ...]) -> None:
+    def _compiled_update(self, current_min: Tensor, current_max: Tensor, finite: Tensor | None, x_shape: tuple[int, ...]) -> None:
         """The forward as traced by ``torch.compile``: no branch on Python state that changes during training.
 
         The shape test is static (decided while tracing). Where the shapes agree, the first batch is selected by
@@ -118,11 +153,16 @@ class RangeObserver(nn.Module):
             if self._seeded:
                 raise _shape_changed(self.tracked_min.shape, current_min.shape, x_shape)
             # A graph cannot resize its inputs: the buffers are replaced instead (the next call recompiles once).
+            if finite is not None:
+                current_min, current_max = torch.where(finite, current_min, 0.0), torch.where(finite, current_max, 0.0)
             self._buffers["tracked_min"] = current_min.to(self.tracked_min.device, copy=True)
             self._buffers["tracked_max"] = current_max.to(self.tracked_max.device, copy=True)
             self.seeded.fill_(1)
             self._seeded = True
             return
+        if finite is not None:  # left-out blocks keep their range once seeded, and start at 0 before (as eagerly)
+            current_min = torch.where(finite, current_min, torch.where(self.seeded.bool(), self.tracked_min, 0.0))
+            current_max = torch.where(finite, current_max, torch.where(self.seeded.bool(), self.tracked_max, 0.0))
         if self.tracking is RangeTracking.CURRENT:
             new_min, new_max = current_min, current_max
         else:
