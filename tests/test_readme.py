@@ -33,14 +33,15 @@ def test_the_quickstart_is_under_15_lines():
         (0, "torch.Size([32, 1])", None),
         (1, "[('0', '1', '2')]", None),
         (2, "[]\n1.0", None),
-        (3, "8 8", "lightning"),
-        (4, "14 3", "transformers"),
+        (3, "report.html ['0', '2']", "matplotlib"),
+        (4, "8 8", "lightning"),
+        (5, "14 3", "transformers"),
     ],
 )
 def test_python_blocks_run_and_print_what_they_say(index, printed, needs, capsys):
     if needs is not None:
         pytest.importorskip(needs, reason=f"this README block needs the {needs} extra")
     blocks = _blocks("python")
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     exec(compile(blocks[index], f"README.md python block {index}", "exec"), {})
     assert printed in capsys.readouterr().out
