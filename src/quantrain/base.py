@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,14 +18,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from quantrain.calibration import CalibrationConfig
 from quantrain.config.bias import plan_bias_sources
-from quantrain.config.fusion import plan_fusions
-from quantrain.config.parse import parse_config_list
+from quantrain.config.fusion import plan_fusions, trace
+from quantrain.config.parse import ConfigEntry, parse_config_list
 from quantrain.config.resolve import ModulePlan, TargetKind, resolve
 from quantrain.distributed import RangeSync, broadcast_state, check_same_layout
 from quantrain.evaluator import Evaluator
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.observer import RangeTracking
 from quantrain.wrapping.fusion import Fusion, fold_parameters
+from quantrain.wrapping.meta import PendingState, is_meta, state_device
 from quantrain.wrapping.model import OWNED_CHILDREN, check_wrappable, unwrap, wrap
 from quantrain.wrapping.quantized_module import FUSION_NAME, link_integer_bias
 
@@ -42,7 +45,8 @@ class Quantizer:
     Subclasses say how ranges are tracked (:meth:`_tracking`) and what each step changes (:meth:`_apply_schedule`).
 
     ``model`` may be a ``DistributedDataParallel`` wrapper: its ``module`` is quantized (names are relative to it,
-    and it becomes ``bound_model``), while the evaluator trains the wrapper.
+    and it becomes ``bound_model``), while the evaluator trains the wrapper. A model on the ``meta`` device can be
+    quantized before it is materialized (see :mod:`quantrain.wrapping.meta`).
     """
 
     def __init__(
@@ -72,7 +76,7 @@ class Quantizer:
         self.integer_bias = integer_bias
         self._current_step = 0
         device = _device_of(model)
-        self._modules = wrap(model, plans, self._tracking, device)
+        self._modules = wrap(model, plans, self._tracking, state_device(device))
         for source in bias_sources:
             link_integer_bias(self._modules[source.module], self._modules[source.source].fake_quant[source.target])
         if float_biases:
@@ -82,15 +86,21 @@ class Quantizer:
                 "before it), so its bias stays float",
                 stacklevel=3,
             )
-        model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64, device=device))
+        model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64, device=state_device(device)))
         self._param_ids = frozenset(id(p) for p in model.parameters())
         self._optimizer: weakref.ref | None = None
         ref = weakref.ref(self)
-        # One global optimizer hook serves every live quantizer (held weakly); the load hook stays with the model for
+        # One global optimizer hook serves every live quantizer (held weakly); the load hooks stay with the model for
         # as long as it is quantized.
         _watch_optimizer_steps(self)
-        self._hooks = [model.register_load_state_dict_post_hook(_AfterLoad(ref))]
+        self._hooks = [
+            model.register_load_state_dict_pre_hook(_BeforeLoad(ref)),
+            model.register_load_state_dict_post_hook(_AfterLoad(ref)),
+        ]
         self._connect_ranks(process_group, sync_ranges)
+        self._filled_on_load: list[str] = []  # see _before_load
+        owned = [name for name, _ in model.named_buffers() if is_quantrain_key(name)]
+        self._pending = PendingState(model, owned) if is_meta(device) else None
         # The model keeps its quantizer alive, so steps are counted even if the caller drops the quantizer object.
         model.__dict__[LINK_ATTRIBUTE] = _QuantizerLink(self)
 
@@ -108,14 +118,14 @@ class Quantizer:
             raise ValueError(f"fuse must be None (fold only what fuse_names names) or 'auto', got {fuse!r}")
         if not handover:
             if hasattr(model, STEP_BUFFER):
-                raise ValueError(
-                    f"{type(model).__name__} is already quantized by quantrain (it has {STEP_BUFFER!r}); "
-                    "call unwrap_model() on its quantizer first"
-                )
+                hint = _requantize_hint(model)
+                raise ValueError(f"{type(model).__name__} is already quantized by quantrain (it has {STEP_BUFFER!r}); {hint}")
             check_wrappable(model)
 
         entries = parse_config_list(config_list)
         plans = plan_fusions(model, entries, resolve(model, entries), auto=fuse == "auto")
+        if fuse == "auto":
+            plans = _without_shared_auto_fusions(model, entries, plans)
         if not handover:
             check_wrappable(model, plans)
         return plans
@@ -134,6 +144,7 @@ class Quantizer:
         self.bound_model.__dict__[DDP_IGNORE] = [*(self._ddp_ignored_before or ()), *owned]
 
     def _before_forward(self) -> None:
+        self._ensure_materialized()
         sync = self.range_sync
         if not sync.ready and (self.bound_model.training or self._calibrating_now) and sync.active():
             sync.first_sync()
@@ -216,12 +227,24 @@ class Quantizer:
     def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
         bound = self._optimizer() if self._optimizer is not None else None
         if bound is None:
-            if not any(id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"]):
+            if not self._trains_model(optimizer):
                 return
             self._optimizer = weakref.ref(optimizer)
             bound = optimizer
         if optimizer is bound:
             self.step()
+
+    def _trains_model(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` steps on some parameter of the model (looked up again when the model's Parameters
+        were replaced, e.g. by ``to_empty`` or ``load_state_dict(assign=True)``)."""
+        for _ in range(2):
+            if any(id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"]):
+                return True
+            current = frozenset(id(p) for p in self.bound_model.parameters())
+            if current == self._param_ids:
+                return False
+            self._param_ids = current
+        return False
 
     # ---- forwards ----------------------------------------------------------------------------------------
 
@@ -280,6 +303,7 @@ class Quantizer:
     def get_calibration_config(self) -> CalibrationConfig:
         """``{module: {target: {scale, zero_point, quant_dtype, quant_scheme, quant_bits, tracked_min, tracked_max}}}``
         for every target that has a scale (CPU tensors; zero_point as float)."""
+        self._ensure_materialized()
         self.check_nonfinite()
         config: CalibrationConfig = {}
         for name, module in self._modules.items():
@@ -298,6 +322,7 @@ class Quantizer:
         an entry for a module or target this quantizer does not quantize is a ``ValueError``; otherwise it is skipped.
         """
         self._check_wrapped()
+        self._ensure_materialized()
         if not isinstance(calibration_config, Mapping):
             kind = type(calibration_config).__name__
             raise TypeError(f"calibration_config must be a dict {{module: {{target: {{...}}}}}}, got {kind}")
@@ -333,6 +358,7 @@ class Quantizer:
         _remove_hooks(self._hooks)
         _LIVE_QUANTIZERS.discard(self)
         self._modules = {}
+        self._pending = None
         self._unwrapped = True
         return self.bound_model
 
@@ -346,6 +372,54 @@ class Quantizer:
         self.__dict__["_nonfinite_seen"] = {
             fq.label: int(fq.observer.nonfinite_batches) for fq in self.fake_quantizers() if fq.observer.skip_nonfinite
         }
+
+    # ---- a model quantized on the meta device (see quantrain.wrapping.meta) --------------------------------------
+
+    def _before_load(self, state_dict: Mapping[str, Any], prefix: str, assign: bool) -> None:
+        """Before load_state_dict fills a model quantized on meta: give the quantrain buffers it does not fill their
+        initial values, on the device of the tensors loaded (``assign=True``) or of the materialized model."""
+        if self._pending is None:
+            return
+        loading = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        device = next((v.device for v in loading.values() if isinstance(v, torch.Tensor) and not v.is_meta), None)
+        filled = None if self._pending.blocks_load(self.bound_model, assign) else self._materialize(frozenset(loading), device)
+        if filled is None:
+            raise ValueError(
+                f"{type(self.bound_model).__name__} is on the meta device, where load_state_dict() copies nothing: "
+                "load real tensors with load_state_dict(state_dict, assign=True), or materialize the model first with "
+                "model.to_empty(device=...)"
+            )
+        self._filled_on_load = filled
+
+    def _after_load(self) -> None:
+        """After load_state_dict: resync the step (and the flags, where :meth:`_before_load` gave initial values)."""
+        filled, self._filled_on_load = self._filled_on_load, []
+        if self._pending is not None:  # still on meta: nothing to read yet
+            return
+        self._loaded()
+        if filled:
+            self._state_materialized()
+
+    def _ensure_materialized(self) -> None:
+        if self._pending is not None and self._materialize():
+            self._state_materialized()
+
+    def _materialize(self, loaded: frozenset[str] = frozenset(), device: torch.device | None = None) -> list[str] | None:
+        """The buffers given their initial values now (``None`` if none were pending or there is no device yet)."""
+        if self._pending is None:
+            return None
+        filled = self._pending.materialize(self.bound_model, loaded, device)
+        if filled is not None:
+            self._pending = None
+        return filled
+
+    def _state_materialized(self) -> None:
+        """quantrain's buffers just got their initial values: the Python mirrors of the flags are read from them again,
+        then what the quantizer set while the model was on meta (the step, and in subclasses the schedule's flags) is
+        written again."""
+        for module in (*self.fake_quantizers(), *self.fusions()):
+            module.load_state_dict(module.state_dict())
+        self.bound_model.get_buffer(STEP_BUFFER).fill_(self._current_step)
 
 
 def _checked_entry(fq: FakeQuantizer, entry: Any) -> dict[str, Any]:
@@ -397,6 +471,45 @@ def check_budget(max_steps: Any, max_epochs: Any, *, required: bool) -> None:
     for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"compress(): {name} must be a positive int or None, got {value!r}")
+
+
+def _requantize_hint(model: nn.Module) -> str:
+    """What to do with a model quantized already: unwrap it, or, for a copy (which has no quantizer), start afresh."""
+    link = model.__dict__.get(LINK_ATTRIBUTE)
+    if link is not None and link.quantizer is None:
+        return (
+            "it is a copy or an unpickled quantized model, which has no quantizer (and so counts no steps): quantize "
+            "a float model and load this one's state_dict() into it to go on training it"
+        )
+    return "call unwrap_model() on its quantizer first"
+
+
+def _without_shared_auto_fusions(
+    model: nn.Module, entries: tuple[ConfigEntry, ...], plans: tuple[ModulePlan, ...]
+) -> tuple[ModulePlan, ...]:
+    """Drop, with a warning, each fusion ``fuse='auto'`` found whose layer or BatchNorm the forward calls more than
+    once: a fused layer computes the whole chain on every call, so a call not followed by the BatchNorm would get it.
+    (Explicit ``fuse_names`` of such modules are refused when planned.)"""
+    explicit = {tuple(group) for entry in entries for group in entry.fuse_names}
+    found = [plan for plan in plans if plan.fusion is not None and plan.fusion.group not in explicit]
+    if not found:
+        return plans
+    graph, _ = trace(model, frozenset(plan.name for plan in plans))
+    if graph is None:
+        return plans
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    dropped = {}
+    for plan in found:
+        shared = [name for name in (plan.fusion.group[0], plan.fusion.bn) if name is not None and calls[name] > 1]
+        if shared:
+            dropped[plan.name] = f"{plan.fusion.group} ({shared[0]!r} is called {calls[shared[0]]} times)"
+    if dropped:
+        warnings.warn(
+            f"fuse='auto': not fusing {', '.join(dropped.values())}: a fused module computes the whole chain on every "
+            "call, so only a module called once per forward is fused",
+            stacklevel=5,
+        )
+    return tuple(replace(plan, fusion=None) if plan.name in dropped else plan for plan in plans)
 
 
 def is_quantrain_key(key: str) -> bool:
@@ -480,10 +593,25 @@ class _AfterLoad:
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not is_quantrain_key(k)]
         quantizer = self.ref() if self.ref is not None else None
         if quantizer is not None:
-            quantizer._loaded()
+            quantizer._after_load()
 
     def __reduce__(self):
         return _AfterLoad, (None,)
+
+
+class _BeforeLoad:
+    """load_state_dict pre-hook on the model: see :meth:`Quantizer._before_load` (copies drop the reference)."""
+
+    def __init__(self, ref: weakref.ref | None) -> None:
+        self.ref = ref
+
+    def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, local_metadata: dict, *args: Any) -> None:
+        quantizer = self.ref() if self.ref is not None else None
+        if quantizer is not None:
+            quantizer._before_load(state_dict, prefix, bool(local_metadata.get("assign_to_params_buffers", False)))
+
+    def __reduce__(self):
+        return _BeforeLoad, (None,)
 
 
 class _BeforeForward:

@@ -5,6 +5,7 @@
 
 In JSON every tensor is written as nested lists (a plain number when 0-dim), so a float32 value round-trips
 exactly and a file written from another tool's tensors (``tensor.tolist()``) loads too. Loading never unpickles.
+Saving is atomic (a temporary file renamed over the target), so an interrupted run never leaves half a file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from quantrain.checkpoint import atomic_write
 from quantrain.config.settings import QuantDtype, QuantScheme
 
 __all__ = ["TENSOR_KEYS", "load_calibration_config", "save_calibration_config"]
@@ -37,7 +39,7 @@ def save_calibration_config(config: Mapping[str, Mapping[str, Mapping[str, Any]]
         }
         for module, targets in config.items()
     }
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump({"format": FORMAT, "version": VERSION, "modules": modules}, f, indent=1)
 
 
@@ -51,6 +53,8 @@ def load_calibration_config(path: str | os.PathLike) -> CalibrationConfig:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file, so not a JSON calibration_config ({exc})") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         if data.get("version") != VERSION:
             raise ValueError(f"{path}: unsupported calibration_config version {data.get('version')!r}")
@@ -82,6 +86,7 @@ def _load_entry(where: str, entry: object) -> dict[str, Any]:
         )
     if (result["scale"] <= 0).any():
         raise ValueError(f"{where}: scale must be positive")
+    _check_range(where, result.get("tracked_min"), result.get("tracked_max"))
     try:
         if "quant_dtype" in entry:
             dtype = QuantDtype.parse(entry["quant_dtype"])
@@ -92,6 +97,16 @@ def _load_entry(where: str, entry: object) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     return result
+
+
+def _check_range(where: str, tracked_min: torch.Tensor | None, tracked_max: torch.Tensor | None) -> None:
+    """A tracked range, when both ends are given, has as many values at each end and none with min > max."""
+    if tracked_min is None or tracked_max is None:
+        return
+    if tracked_min.numel() != tracked_max.numel():
+        raise ValueError(f"{where}: tracked_min has {tracked_min.numel()} values but tracked_max {tracked_max.numel()}")
+    if (tracked_min.reshape(-1) > tracked_max.reshape(-1)).any():
+        raise ValueError(f"{where}: tracked_min is greater than tracked_max")
 
 
 def _tensor(where: str, value: object) -> torch.Tensor:

@@ -82,6 +82,11 @@ class PtqQuantizer(Quantizer):
     def _tracking(self, kind: TargetKind) -> RangeTracking:
         return RangeTracking.RUNNING_EXTREMES
 
+    def _state_materialized(self) -> None:
+        super()._state_materialized()
+        for fusion in self.fusions():  # frozen while the model was on meta: again, now that the flag has memory
+            fusion.freeze_bn(True)
+
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None) -> tuple[nn.Module, CalibrationConfig]:
         """Calibrate through the evaluator (if given), then compute scales and zero points and quantize.
 

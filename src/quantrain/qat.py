@@ -205,6 +205,11 @@ class QATQuantizer(Quantizer):
         super()._loaded()
         self._phase = self.schedule.phase(self._current_step)  # the flags came with the state_dict
 
+    def _state_materialized(self) -> None:
+        super()._state_materialized()
+        self._phase = None  # the flags were written while the model was on meta: again, for the current step
+        self._apply_schedule()
+
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None) -> tuple[nn.Module, CalibrationConfig]:
         """Train through the evaluator for ``max_steps`` steps and/or ``max_epochs`` epochs.
 

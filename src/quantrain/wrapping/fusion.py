@@ -56,12 +56,18 @@ CLAMPS: dict[str, tuple[float, float | None]] = {"relu": (0.0, None), "relu6": (
 """Each fusable activation as the clamp it is."""
 
 
+def _keeps_mask(x: Tensor) -> bool:
+    """Whether the clamp keeps a mask for backward: when a gradient is needed, and not while ``torch.jit.trace``
+    records (its graph must not depend on the grad mode, which its check run changes)."""
+    return x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
 def _relu(x: Tensor) -> Tensor:
-    return clamp_with_mask(x, 0.0) if x.requires_grad and torch.is_grad_enabled() else F.relu(x)
+    return clamp_with_mask(x, 0.0) if _keeps_mask(x) else F.relu(x)
 
 
 def _relu6(x: Tensor) -> Tensor:
-    return clamp_with_mask(x, 0.0, 6.0) if x.requires_grad and torch.is_grad_enabled() else F.relu6(x)
+    return clamp_with_mask(x, 0.0, 6.0) if _keeps_mask(x) else F.relu6(x)
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": _relu, "relu6": _relu6}

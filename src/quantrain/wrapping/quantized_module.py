@@ -29,6 +29,7 @@ from quantrain.ops.ranges import block_layout
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 from quantrain.wrapping.forwards import FLOAT_FORWARDS, substituted_parameters
 from quantrain.wrapping.fusion import CLAMPS
+from quantrain.wrapping.meta import state_device
 
 _SINGLE_OUTPUT = (("_output_0", 0),)
 
@@ -55,8 +56,9 @@ class QuantizedModule(DerivedModule):
         fusion = self._modules.get(FUSION_NAME)
         if fusion is None:
             output = self.float_forward(self.quantized_parameters(), *args, **kwargs)
-        elif fusion.activation is not None and self._quant_outputs == _SINGLE_OUTPUT:
-            # The fused activation is a clamp: the output quantizer applies it, keeping one mask for both.
+        elif fusion.activation is not None and self._quant_outputs == _SINGLE_OUTPUT and not torch.jit.is_tracing():
+            # The fused activation is a clamp: the output quantizer applies it, keeping one mask for both. (Not while
+            # torch.jit.trace records: that path's ops depend on the grad mode, which its check run changes.)
             pre_activation = fusion.linear_forward(self, *args, **kwargs)
             output = fake_quant["_output_0"](_tensor(fake_quant["_output_0"], pre_activation), CLAMPS[fusion.activation])
             fusion.record(output)
@@ -134,7 +136,7 @@ def build_fake_quantizers(
                 range_shape=shape,
                 tracking=tracking(target.kind),
                 label=label,
-                device=param.device,
+                device=state_device(param.device),
             )
         else:
             fq = FakeQuantizer(target.settings, activation=True, tracking=tracking(target.kind), label=label, device=device)
