@@ -9,6 +9,7 @@
 """
 
 from quantrain.calibration import load_calibration_config, save_calibration_config
+from quantrain.checkpoint import load_checkpoint, save_checkpoint
 from quantrain.config import (
     Granularity,
     QuantDtype,
@@ -51,10 +52,12 @@ __all__ = [
     "export_onnx",
     "__version__",
     "load_calibration_config",
+    "load_checkpoint",
     "parse_config_list",
     "register_default_targets",
     "register_float_forward",
     "save_calibration_config",
+    "save_checkpoint",
 ]
 
 

@@ -46,12 +46,25 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module, leaves: frozenset[str] = frozenset()) -> tuple[fx.Graph | None, str]:
-    """The model's fx graph (with ``leaves`` not traced into), or ``None`` and the reason it could not be traced."""
+    """The model's fx graph (with ``leaves`` not traced into), or ``None`` and the reason it could not be traced.
+
+    The model is left as it was: torch.fx stores each tensor constant of the forward on the root module
+    (``_tensor_constant0``, ...), and those attributes are removed again (the graph is only read, never run)."""
+    before = {name: set(names) for name, names in _attribute_names(model).items()}
     try:
         return _Tracer(leaves).trace(model), ""
 
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        for name, names in _attribute_names(model).items():
+            for added in set(names) - before[name]:
+                del names[added]
+
+
+def _attribute_names(model: nn.Module) -> dict[str, dict]:
+    """Where an attribute set on a module lands: its ``__dict__`` and its parameter, buffer and submodule dicts."""
+    return {"__dict__": vars(model), "_parameters": model._parameters, "_buffers": model._buffers, "_modules": model._modules}
 
 
 def plan_fusions(

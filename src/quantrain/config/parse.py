@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from quantrain.config.settings import APPLY_METHODS, Granularity, QuantDtype, QuantScheme, TargetSettings
+from quantrain.config.settings import APPLY_METHODS, Granularity, QuantDtype, QuantScheme, TargetSettings, shown
 
 __all__ = ["ConfigEntry", "parse_config_list", "canonical_target_name"]
 
@@ -24,6 +24,8 @@ SELECTION_KEYS = ("op_types", "op_names", "op_names_re")
 EXCLUSION_KEYS = ("exclude_op_types", "exclude_op_names", "exclude_op_names_re")
 SETTING_KEYS = ("quant_dtype", "quant_scheme", "granularity", "apply_method", "quant_bits")
 ENTRY_KEYS = (*SELECTION_KEYS, *EXCLUSION_KEYS, "target_names", "target_settings", "fuse_names", *SETTING_KEYS)
+MAX_SLOT_DIGITS = 9
+"""``_input_N`` / ``_output_N``: N has at most this many digits."""
 
 
 class _EntryError(Exception):
@@ -88,10 +90,11 @@ def _parse_entry(index: int, raw: object) -> ConfigEntry:
     if not isinstance(raw, Mapping):
         raise TypeError(f"config_list[{index}] must be a dict, got {type(raw).__name__}")
     for key in raw:
-        if key not in ENTRY_KEYS:
-            hint = _closest(key, ENTRY_KEYS)
-            raise _EntryError(ValueError, str(key), f"unknown key{hint}; allowed keys are {', '.join(ENTRY_KEYS)}")
-    if not any(raw.get(key) for key in SELECTION_KEYS):
+        if not isinstance(key, str) or key not in ENTRY_KEYS:
+            text = _key_text(key)
+            hint = _closest(text, ENTRY_KEYS)
+            raise _EntryError(ValueError, text, f"unknown key{hint}; allowed keys are {', '.join(ENTRY_KEYS)}")
+    if not any(_given(raw.get(key)) for key in SELECTION_KEYS):
         raise _EntryError(ValueError, "op_types", "each entry needs at least one non-empty op_types, op_names or op_names_re")
     fields: dict[str, Any] = {}
     for key in ("op_types", "op_names", "exclude_op_types", "exclude_op_names"):
@@ -106,22 +109,42 @@ def _parse_entry(index: int, raw: object) -> ConfigEntry:
     return ConfigEntry(index=index, settings=settings, **fields)
 
 
+def _key_text(key: object) -> str:
+    """A dict key as messages show it: ``str(key)``, or shortened where that fails (a huge int); never raises."""
+    if isinstance(key, str):
+        return key
+    try:
+        return str(key)
+    except Exception:  # ValueError: int_max_str_digits, or anything a __str__ raises
+        return shown(key)
+
+
+def _given(value: object) -> bool:
+    """Whether a selection key has a non-empty value (a value without a truth value counts: its type is reported)."""
+    if value is None:
+        return False
+    try:
+        return bool(value)
+    except Exception:  # e.g. an array or tensor of several elements; _string_list then names its type
+        return True
+
+
 def _string_list(raw: Mapping, key: str) -> tuple[str, ...]:
     value = raw.get(key)
     if value is None:
         return ()
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise _EntryError(TypeError, key, f"must be a list of strings, e.g. [{value!r}], got {type(value).__name__}")
+        raise _EntryError(TypeError, key, f"must be a list of strings, e.g. [{shown(value)}], got {type(value).__name__}")
     for item in value:
         if not isinstance(item, str):
-            raise _EntryError(TypeError, key, f"must contain only strings, got {item!r} ({type(item).__name__})")
+            raise _EntryError(TypeError, key, f"must contain only strings, got {shown(item)} ({type(item).__name__})")
     return tuple(value)
 
 
 def _compile(key: str, pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # OverflowError: a{99999999999}; RecursionError: deep nesting
         raise _EntryError(ValueError, key, f"invalid regular expression {pattern!r}: {exc}") from None
 
 
@@ -134,6 +157,8 @@ def _parse_settings(raw: Mapping, where: str) -> TargetSettings:
         bits = raw["quant_bits"]
         if not isinstance(bits, int) or isinstance(bits, bool):
             raise _EntryError(TypeError, f"{where}quant_bits", f"must be an int, got {type(bits).__name__}")
+        if bits.bit_length() > 64:
+            raise _EntryError(ValueError, f"{where}quant_bits", f"must be between 2 and 8, got {shown(bits)}")
         dtype_value = f"int{bits}"
     kwargs: dict[str, Any] = {}
     parsers = (
@@ -145,24 +170,27 @@ def _parse_settings(raw: Mapping, where: str) -> TargetSettings:
         try:
             kwargs[attribute] = parser(value)
         except (TypeError, ValueError) as exc:
-            shown = "quant_bits" if key == "quant_dtype" and raw.get("quant_bits") is not None else key
-            raise _EntryError(type(exc), f"{where}{shown}", str(exc)) from None
+            named = "quant_bits" if key == "quant_dtype" and raw.get("quant_bits") is not None else key
+            raise _EntryError(type(exc), f"{where}{named}", str(exc)) from None
     apply_method = raw.get("apply_method")
-    if apply_method is not None and apply_method not in APPLY_METHODS:
+    if apply_method is not None and (not isinstance(apply_method, str) or apply_method not in APPLY_METHODS):
         raise _EntryError(
-            ValueError, f"{where}apply_method", f"unknown apply_method {apply_method!r}; use one of {APPLY_METHODS}"
+            ValueError, f"{where}apply_method", f"unknown apply_method {shown(apply_method)}; use one of {APPLY_METHODS}"
         )
     return TargetSettings(apply_method=apply_method, **kwargs)
 
 
 def _check_target_name(key: str, name: object) -> str:
     if not isinstance(name, str):
-        raise _EntryError(TypeError, key, f"target names are strings, got {name!r} ({type(name).__name__})")
+        raise _EntryError(TypeError, key, f"target names are strings, got {shown(name)} ({type(name).__name__})")
     for prefix in ("_input_", "_output_"):
         if name.startswith(prefix):
             rest = name[len(prefix) :]
-            if rest and not (rest.isdigit() or rest.isidentifier()):
+            digits = rest.isascii() and rest.isdigit()  # str.isdigit() also accepts '²', which int() rejects
+            if rest and not (digits or rest.isidentifier()):
                 raise _EntryError(ValueError, key, f"{name!r}: write {prefix}N for position N or {prefix}<name>")
+            if digits and len(rest) > MAX_SLOT_DIGITS:
+                raise _EntryError(ValueError, key, f"{name!r}: the position N has more than {MAX_SLOT_DIGITS} digits")
             return canonical_target_name(name)
     if not name.isidentifier():
         raise _EntryError(ValueError, key, f"{name!r} is neither a parameter name nor _input_*/_output_*")
@@ -198,11 +226,12 @@ def _parse_target_settings(raw: Mapping, top_level: Mapping, target_names: tuple
                 TypeError, f"target_settings[{name!r}]", f"must be a dict of settings, got {type(settings).__name__}"
             )
         for key in settings:
-            if key not in SETTING_KEYS:
+            if not isinstance(key, str) or key not in SETTING_KEYS:
+                text = _key_text(key)
                 raise _EntryError(
                     ValueError,
-                    f"{where}{key}",
-                    f"unknown setting{_closest(str(key), SETTING_KEYS)}; allowed: {', '.join(SETTING_KEYS)}",
+                    f"{where}{text}",
+                    f"unknown setting{_closest(text, SETTING_KEYS)}; allowed: {', '.join(SETTING_KEYS)}",
                 )
         merged = {**top_level, **settings}
         if "quant_dtype" in settings and "quant_bits" not in settings:
@@ -226,7 +255,7 @@ def _parse_fuse_names(raw: Mapping) -> tuple[tuple[str, ...], ...]:
     groups = []
     for group in value:
         if isinstance(group, str) or not isinstance(group, (list, tuple)) or not all(isinstance(n, str) for n in group):
-            raise _EntryError(TypeError, "fuse_names", f"each item must be a tuple of module names, got {group!r}")
+            raise _EntryError(TypeError, "fuse_names", f"each item must be a tuple of module names, got {shown(group)}")
         if not 2 <= len(group) <= 3:
             raise _EntryError(
                 ValueError,

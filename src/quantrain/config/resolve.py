@@ -182,7 +182,14 @@ def _targets(entry: ConfigEntry, name: str, module: nn.Module) -> list[TargetPla
         if target.startswith("_input_"):
             plans.append(_input_plan(entry, name, module, target, settings))
         elif target.startswith("_output_"):
-            plans.append(_activation_plan(entry, name, target, TargetKind.OUTPUT, settings, key=_slot(target, "_output_")))
+            slot = _slot(target, "_output_")
+            if slot != 0 and _returns_one_tensor(module):
+                raise entry.error(
+                    ValueError,
+                    "target_names",
+                    f"module {name!r} ({type(module).__name__}) returns a single tensor, so it has no {target!r}; use '_output_'",
+                )
+            plans.append(_activation_plan(entry, name, target, TargetKind.OUTPUT, settings, key=slot))
         else:
             param = module._parameters.get(target)
             if param is None:
@@ -246,6 +253,19 @@ def _activation_plan(
             ValueError, _setting_key(entry, target, "granularity"), f"module {name!r} target {target!r}: {exc}"
         ) from None
     return TargetPlan(target, kind, settings, entry.index, position=position, key=key)
+
+
+def _returns_one_tensor(module: nn.Module) -> bool:
+    """Whether ``module`` is known to return a single tensor: a torch.nn forward annotated ``-> Tensor`` (a user's
+    annotation is not trusted: only its real output tells, at the first forward)."""
+    forward = float_type(module).forward
+    if not getattr(forward, "__module__", "").startswith("torch.nn."):
+        return False
+    try:
+        annotation = inspect.signature(forward).return_annotation
+    except (TypeError, ValueError):
+        return False
+    return annotation is torch.Tensor or annotation in ("Tensor", "torch.Tensor")
 
 
 def _slot(target: str, prefix: str) -> str | int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
+import reprlib
 from dataclasses import dataclass
 
 __all__ = [
@@ -26,6 +27,40 @@ __all__ = [
 _DTYPE_RE = re.compile(r"(u?)int([0-9]+)")
 MIN_BITS = 2
 MAX_BITS = 8
+MAX_BLOCK_BITS = 63
+"""Block sizes are at most ``2**63 - 1`` (a tensor dimension is an int64)."""
+
+
+class _ShortRepr(reprlib.Repr):
+    """``repr`` for values whose own ``repr`` fails: deep nesting cut, huge ints summarized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 6
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = self.maxset = self.maxfrozenset = self.maxdeque = 16
+        self.maxstring = self.maxother = 200
+        self.maxlong = 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # str() of a very large int raises ValueError (Python's int_max_str_digits)
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, and never raising: a value whose ``repr`` fails (a huge int, deep
+    nesting, a broken ``__repr__``) is shown shortened instead."""
+    try:
+        return repr(value)
+    except Exception:  # ValueError (int_max_str_digits), RecursionError, or anything a __repr__ raises
+        pass
+    try:
+        return _SHORT_REPR.repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
 
 
 @dataclass(frozen=True)
@@ -47,7 +82,7 @@ class QuantDtype:
         if not isinstance(value, str):
             raise TypeError(f"expected a string such as 'int8' or 'uint8', got {type(value).__name__}")
         match = _DTYPE_RE.fullmatch(value)
-        if match is None or not MIN_BITS <= int(match.group(2)) <= MAX_BITS:
+        if match is None or len(match.group(2)) > 3 or not MIN_BITS <= int(match.group(2)) <= MAX_BITS:
             raise ValueError(f"unknown quant_dtype {value!r}; use 'int2'..'int8' or 'uint2'..'uint8'")
         return cls(int(match.group(2)), match.group(1) != "u")
 
@@ -127,9 +162,11 @@ class Granularity:
             return cls(kind)
         if isinstance(value, (list, tuple)):
             if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise TypeError(f"a block granularity is a non-empty list of ints, got {value!r}")
+                raise TypeError(f"a block granularity is a non-empty list of ints, got {shown(value)}")
             if any(v == 0 or v < WHOLE for v in value):
-                raise ValueError(f"block sizes must be positive or -1 (whole dim), got {list(value)}")
+                raise ValueError(f"block sizes must be positive or -1 (whole dim), got {shown(list(value))}")
+            if any(v.bit_length() > MAX_BLOCK_BITS for v in value):
+                raise ValueError(f"block sizes must be below 2**{MAX_BLOCK_BITS}, got {shown(list(value))}")
             return cls(GranularityKind.BLOCK, tuple(value))
         raise TypeError(f"granularity must be a string or a list of ints, got {type(value).__name__}")
 

@@ -49,8 +49,9 @@ def wrap(
                 module.add_module(FUSION_NAME, fusion)
                 if bn is not None:
                     link_folded_bn(bn, fusion)
-                relu = modules[plan.fusion.group[-1]] if plan.fusion.activation == "relu" else None
-                if type(relu) is nn.ReLU:  # a plain ReLU module (not one quantrain quantizes itself)
+                relu_name = plan.fusion.group[-1]
+                relu = modules[relu_name] if plan.fusion.activation == "relu" and relu_name not in wrapped else None
+                if type(relu) is nn.ReLU:  # a plain ReLU module (one quantrain quantizes itself applies ReLU again)
                     link_fused_relu(relu, fusion)
     except BaseException:
         unwrap(wrapped)

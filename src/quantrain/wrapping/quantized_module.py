@@ -27,7 +27,7 @@ from quantrain.observer import RangeTracking
 from quantrain.ops.fake_quant import integer_bias
 from quantrain.ops.ranges import block_layout
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
-from quantrain.wrapping.forwards import FLOAT_FORWARDS, substituted_parameters
+from quantrain.wrapping.forwards import FLOAT_FORWARDS, register_float_forward, substituted_parameters
 from quantrain.wrapping.fusion import CLAMPS
 from quantrain.wrapping.meta import state_device
 
@@ -37,6 +37,15 @@ __all__ = ["CHILD_NAME", "QuantizedModule", "attach", "detach", "is_quantized", 
 
 CHILD_NAME = "fake_quant"
 FUSION_NAME = "fusion"
+
+
+@register_float_forward(nn.Sequential)
+def _sequential(module: nn.Sequential, params: Mapping[str, Tensor], input: Any) -> Any:
+    """A quantized ``nn.Sequential`` runs its layers, not the children quantrain added to it."""
+    for name, layer in module._modules.items():
+        if name not in (CHILD_NAME, FUSION_NAME):
+            input = layer(input)
+    return input
 
 
 class QuantizedModule(DerivedModule):
@@ -93,9 +102,9 @@ class QuantizedModule(DerivedModule):
 
     def float_forward(self, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
         """The float class's forward, with ``params`` in place of the parameters of the same names."""
-        if not params:
-            return self._float_class.forward(self, *args, **kwargs)
         form = FLOAT_FORWARDS.get(self._float_class)
+        if not params and form is None:
+            return self._float_class.forward(self, *args, **kwargs)
         if form is not None:
             return form(self, {**self._parameters, **params}, *args, **kwargs)
         with substituted_parameters(self, params):
