@@ -293,3 +293,9 @@ def test_benchmark_tables_repeat_the_published_numbers():
     assert len(rows) > 100
     missing = [row for row in rows if row not in published_rows]
     assert not missing, f"rows of docs/benchmarks.md found neither in README.md nor in docs/performance.md: {missing}"
+
+
+def test_the_quickstart_is_under_15_lines():
+    text = (ROOT / "docs" / "index.md").read_text()
+    quickstart = text.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(quickstart.strip().splitlines()) < 15
