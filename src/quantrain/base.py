@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,8 +16,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from quantrain.calibration import CalibrationConfig
 from quantrain.config.bias import plan_bias_sources
-from quantrain.config.fusion import plan_fusions, trace
-from quantrain.config.parse import ConfigEntry, parse_config_list
+from quantrain.config.fusion import plan_fusions
+from quantrain.config.parse import parse_config_list
 from quantrain.config.resolve import ModulePlan, TargetKind, resolve
 from quantrain.distributed import RangeSync, broadcast_state, check_same_layout
 from quantrain.evaluator import Evaluator
@@ -124,8 +122,6 @@ class Quantizer:
 
         entries = parse_config_list(config_list)
         plans = plan_fusions(model, entries, resolve(model, entries), auto=fuse == "auto")
-        if fuse == "auto":
-            plans = _without_shared_auto_fusions(model, entries, plans)
         if not handover:
             check_wrappable(model, plans)
         return plans
@@ -482,34 +478,6 @@ def _requantize_hint(model: nn.Module) -> str:
             "a float model and load this one's state_dict() into it to go on training it"
         )
     return "call unwrap_model() on its quantizer first"
-
-
-def _without_shared_auto_fusions(
-    model: nn.Module, entries: tuple[ConfigEntry, ...], plans: tuple[ModulePlan, ...]
-) -> tuple[ModulePlan, ...]:
-    """Drop, with a warning, each fusion ``fuse='auto'`` found whose layer or BatchNorm the forward calls more than
-    once: a fused layer computes the whole chain on every call, so a call not followed by the BatchNorm would get it.
-    (Explicit ``fuse_names`` of such modules are refused when planned.)"""
-    explicit = {tuple(group) for entry in entries for group in entry.fuse_names}
-    found = [plan for plan in plans if plan.fusion is not None and plan.fusion.group not in explicit]
-    if not found:
-        return plans
-    graph, _ = trace(model, frozenset(plan.name for plan in plans))
-    if graph is None:
-        return plans
-    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-    dropped = {}
-    for plan in found:
-        shared = [name for name in (plan.fusion.group[0], plan.fusion.bn) if name is not None and calls[name] > 1]
-        if shared:
-            dropped[plan.name] = f"{plan.fusion.group} ({shared[0]!r} is called {calls[shared[0]]} times)"
-    if dropped:
-        warnings.warn(
-            f"fuse='auto': not fusing {', '.join(dropped.values())}: a fused module computes the whole chain on every "
-            "call, so only a module called once per forward is fused",
-            stacklevel=5,
-        )
-    return tuple(replace(plan, fusion=None) if plan.name in dropped else plan for plan in plans)
 
 
 def is_quantrain_key(key: str) -> bool:

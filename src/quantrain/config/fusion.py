@@ -98,11 +98,31 @@ def plan_fusions(
                 stacklevel=3,
             )
         else:
-            for fusion in _auto_fusions(graph, modules, planned):
-                if not used & set(fusion.group):
-                    used |= set(fusion.group)
-                    fusions[fusion.group[0]] = fusion
+            found = [fusion for fusion in _auto_fusions(graph, modules, planned) if not used & set(fusion.group)]
+            for fusion in _called_once(found, graph):
+                used |= set(fusion.group)
+                fusions[fusion.group[0]] = fusion
     return tuple(replace(plan, fusion=fusions.get(plan.name)) for plan in plans)
+
+
+def _called_once(found: list[FusionPlan], graph: fx.Graph) -> list[FusionPlan]:
+    """The fusions whose layer and BatchNorm the forward calls once; the others are dropped with a warning (a fused
+    layer computes the whole chain on every call, so a call not followed by the BatchNorm would get it anyway)."""
+    calls = {name: len(nodes) for name, nodes in _nodes_by_module(graph).items()}
+    kept, dropped = [], []
+    for fusion in found:
+        shared = [name for name in (fusion.group[0], fusion.bn) if name is not None and calls.get(name, 0) > 1]
+        if shared:
+            dropped.append(f"{fusion.group} ({shared[0]!r} is called {calls[shared[0]]} times)")
+        else:
+            kept.append(fusion)
+    if dropped:
+        warnings.warn(
+            f"fuse='auto': not fusing {', '.join(dropped)}: a fused module computes the whole chain on every call, "
+            "so only a module called once per forward is fused",
+            stacklevel=6,  # the caller of QATQuantizer(...)
+        )
+    return kept
 
 
 def _explicit_fusion(
