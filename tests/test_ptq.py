@@ -335,6 +335,23 @@ def test_from_compressor_carries_the_calibration_and_continues_with_ema():
     assert torch.equal(new_fqs["_input_0"].scale, scale) and torch.equal(new_fqs["_input_0"].zero_point, zp)
 
 
+@pytest.mark.parametrize("override", [None, {"fuse": None}])
+def test_from_compressor_keeps_batchnorm_folded_unless_told_otherwise(override):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    config = [{"op_types": ["Conv2d"], "target_names": ["weight", "_output_"], "quant_dtype": "int8"}]
+    ptq = PtqQuantizer(model, config, fuse="auto")
+    ptq.track_forward(torch.randn(8, 1, 6, 6))
+    ptq.compress()
+    folded_scale = model[0].fake_quant["weight"].scale.clone()
+    qat = QATQuantizer.from_compressor(ptq, config, **(override or {}))
+    if override is None:  # still folded: the folded weight's range carries over to the same folded weight
+        assert qat.fuse == "auto" and [f.group for f in qat.fusions()] == [("0", "1", "2")]
+        assert torch.equal(model[0].fake_quant["weight"].scale, folded_scale)
+    else:
+        assert qat.fuse is None and list(qat.fusions()) == []
+
+
 def test_from_compressor_does_not_carry_a_target_whose_settings_changed():
     model, ptq = _calibrated()
     ptq.compress()

@@ -135,7 +135,9 @@ class QATQuantizer(Quantizer):
         """Continue from another quantizer (e.g. a :class:`~quantrain.PtqQuantizer`) on the same model.
 
         Targets that keep the same settings carry their tracked ranges, scales and zero points over; the earlier
-        quantizer is unwrapped. ``evaluator`` defaults to the earlier one's.
+        quantizer is unwrapped. ``evaluator``, ``fuse``, ``integer_bias``, ``sync_ranges`` and ``process_group``
+        default to the earlier quantizer's (so a BatchNorm folded during calibration stays folded, and the folded
+        weights' ranges carry over to the same folded weights).
         """
         if not isinstance(compressor, Quantizer):
             raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
@@ -147,7 +149,7 @@ class QATQuantizer(Quantizer):
             for k in ("activation_start_step", "freeze_bn_step", "freeze_range_step", "weight_range")
             if k in kwargs
         }
-        fuse = kwargs.pop("fuse", None)
+        fuse = kwargs.pop("fuse", compressor.fuse)
         integer_bias = kwargs.pop("integer_bias", compressor.integer_bias)
         sync_ranges = kwargs.pop("sync_ranges", compressor.range_sync.enabled)
         process_group = kwargs.pop("process_group", compressor.range_sync.group)
