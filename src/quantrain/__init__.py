@@ -26,6 +26,7 @@ from quantrain.observer import RangeObserver
 from quantrain.ptq import PtqQuantizer
 from quantrain.qat import QATQuantizer
 from quantrain.schedule import Schedule
+from quantrain.spec import load_quantizer_spec, save_quantizer_spec
 from quantrain.wrapping import register_float_forward
 
 __version__ = "0.1.0"
@@ -53,11 +54,13 @@ __all__ = [
     "__version__",
     "load_calibration_config",
     "load_checkpoint",
+    "load_quantizer_spec",
     "parse_config_list",
     "register_default_targets",
     "register_float_forward",
     "save_calibration_config",
     "save_checkpoint",
+    "save_quantizer_spec",
 ]
 
 
