@@ -97,8 +97,7 @@ class Quantizer:
         ]
         self._connect_ranks(process_group, sync_ranges)
         self._filled_on_load: list[str] = []  # see _before_load
-        owned = [name for name, _ in model.named_buffers() if is_quantrain_key(name)]
-        self._pending = PendingState(model, owned) if is_meta(device) else None
+        self._pending = PendingState(model, list(self._owned_buffers())) if is_meta(device) else None
         # The model keeps its quantizer alive, so steps are counted even if the caller drops the quantizer object.
         model.__dict__[LINK_ATTRIBUTE] = _QuantizerLink(self)
 
@@ -136,8 +135,7 @@ class Quantizer:
                 fq.observer.reducer = self.range_sync
         self._hooks.append(self.bound_model.register_forward_pre_hook(_BeforeForward(weakref.ref(self))))
         self._ddp_ignored_before = self.bound_model.__dict__.get(DDP_IGNORE)
-        owned = [name for name, _ in self.bound_model.named_buffers() if is_quantrain_key(name)]
-        self.bound_model.__dict__[DDP_IGNORE] = [*(self._ddp_ignored_before or ()), *owned]
+        self.bound_model.__dict__[DDP_IGNORE] = [*(self._ddp_ignored_before or ()), *self._owned_buffers()]
 
     def _before_forward(self) -> None:
         self._ensure_materialized()
@@ -149,8 +147,11 @@ class Quantizer:
         """Every rank quantized the model alike (else ``ValueError`` on all), then rank 0's quantization state."""
         group = self.range_sync.group
         check_same_layout(self._layout(), group, _device_of(self.bound_model))
-        state = {name: buffer for name, buffer in self.bound_model.named_buffers() if is_quantrain_key(name)}
-        self.bound_model.load_state_dict(broadcast_state(state, group), strict=False)
+        self.bound_model.load_state_dict(broadcast_state(self._owned_buffers(), group), strict=False)
+
+    def _owned_buffers(self) -> dict[str, torch.Tensor]:
+        """quantrain's buffers in the bound model (its quantizers' state and the step), by state_dict name."""
+        return {name: buffer for name, buffer in self.bound_model.named_buffers() if is_quantrain_key(name)}
 
     def _layout(self) -> list[str]:
         """How the model is quantized, one line per target and fusion (compared across ranks)."""
