@@ -15,6 +15,8 @@ Methods (the columns):
   symmetric weights with one scale per output channel, BatchNorm folded; resnet also quantizes the outputs of its
   ``Add`` and ``AdaptiveAvgPool2d`` modules;
 * ``quantrain-per-tensor``: the same with one weight scale per tensor (granularity ``"default"``);
+* ``quantrain-pytorch-ops``: ``quantrain`` without its native CPU kernels (``QUANTRAIN_NATIVE=0``): the same numbers
+  from PyTorch operations, as where no C compiler is found;
 * ``torch.ao``: torch.ao eager-mode QAT with ``get_default_qat_qconfig("x86")``: conv-BN(-ReLU) and linear-ReLU
   fused by ``fuse_modules_qat``, ``QuantStub``/``DeQuantStub`` around the model, ``prepare_qat``. Eager mode observes
   an addition only through a ``FloatFunctional``, so torch.ao's resnet has each ``quantrain.Add`` replaced by one
@@ -94,13 +96,14 @@ from torch.ao.nn.quantized import FloatFunctional
 from quantrain import Add, QATQuantizer
 from quantrain.config.presets import deployable_config_list
 from quantrain.demo import build_model
+from quantrain.ops import native
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared models next to this script
 from models import BasicBlock, mlp, resnet
 
 SCRIPT = os.path.abspath(__file__)
 
-BASE_METHODS = ("float", "quantrain", "quantrain-per-tensor", "torch.ao", "nni")
+BASE_METHODS = ("float", "quantrain", "quantrain-per-tensor", "quantrain-pytorch-ops", "torch.ao", "nni")
 COMPILED_METHODS = ("float+compile", "quantrain+compile")
 COMPILE_EXTRA_WARMUP = 10
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
@@ -242,6 +245,7 @@ PREPARE: dict[str, Callable[[nn.Module, Case], Prepared]] = {
     "float": prepare_float,
     "quantrain": prepare_quantrain,
     "quantrain-per-tensor": lambda model, case: prepare_quantrain(model, case, per_tensor=True),
+    "quantrain-pytorch-ops": prepare_quantrain,  # its worker runs with QUANTRAIN_NATIVE=0
     "torch.ao": prepare_torch_ao,
 }
 
@@ -499,8 +503,13 @@ class Worker:
     def __init__(self, model: str, method: str, threads: int, warmup: int) -> None:
         self.model, self.method = model, method
         spec = {"model": model, "method": method, "threads": threads, "warmup": warmup}
+        env = {**os.environ, "QUANTRAIN_NATIVE": "0"} if method == "quantrain-pytorch-ops" else None
         self.process = subprocess.Popen(
-            [sys.executable, SCRIPT, "--worker", json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, SCRIPT, "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self.times: list[float] = []
 
@@ -678,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_start": load_before,
         "load_average_end": load_after,
+        "quantrain_native": native.status(),
     }
     with open(args.json, "w", encoding="utf-8") as f:
         report = {"args": vars(args), "environment": environment, "skipped": skipped, "errors": errors}

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from quantrain.config.settings import GranularityKind, TargetSettings
 from quantrain.observer import RangeObserver, RangeTracking, resize_buffers_for_load
-from quantrain.ops.fake_quant import clamp_with_mask, fake_quantize_clamped, quantize_dequantize
+from quantrain.ops import native
+from quantrain.ops.fake_quant import clamp_with_mask, fake_quantize_clamped, observe_fake_quantize, quantize_dequantize
 from quantrain.ops.qparams import calculate_qparams, symmetric_scale, symmetric_zero_point
 
 __all__ = ["FakeQuantizer", "QParams"]
@@ -94,6 +95,7 @@ class FakeQuantizer(nn.Module):
         self._symmetric = settings.scheme.value == "symmetric"
         # Symmetric signed types have zero point 0: the forward then skips adding and subtracting it.
         self._zero_free = self._symmetric and symmetric_zero_point(settings.qmin, settings.qmax) == 0
+        self._native_plans: dict = {}  # settings for the native one-call forward, by (clamp, tracking, decay)
         self._refresh_mirrors()
 
     def forward(self, x: Tensor, clamp: tuple[float, float | None] | None = None) -> Tensor:
@@ -105,11 +107,13 @@ class FakeQuantizer(nn.Module):
         if clamp is not None and blocks is not None:  # per-block scales: clamp first, then quantize as usual
             x, clamp = clamp_with_mask(x, *clamp), None
         observing = (self.training or self.calibrating) and self._observe
-        if clamp is not None and (observing or self._fake_quant):  # what is observed and quantized
-            with torch.no_grad():
-                activated = torch.clamp(x, *clamp)
+        # (the compiled forward must not read the seeded/calibrated mirrors: a guard on them would recompile it)
+        if observing and self._fake_quant and not torch.compiler.is_compiling() and self._calibrated and self.observer.is_seeded:
+            fused = self._observe_and_quantize(x, blocks, clamp)
+            if fused is not None:
+                return fused
         if observing:
-            self.observer(x if clamp is None else activated, blocks)
+            self.observer(x, blocks, clamp)  # the range of clamp(x, lo, hi): x's range, clamped
             unseeded = not (torch.compiler.is_compiling() or self.observer.is_seeded)  # no finite value seen yet
             if not self._fake_quant or (unseeded and not self._calibrated):
                 return x if clamp is None else clamp_with_mask(x, *clamp)
@@ -120,8 +124,34 @@ class FakeQuantizer(nn.Module):
         zero_point = None if self._zero_free else self.zero_point
         qmin, qmax = self.settings.qmin, self.settings.qmax
         if clamp is not None:
-            return fake_quantize_clamped(x, activated, *clamp, self.scale, zero_point, qmin, qmax)
+            return fake_quantize_clamped(x, *clamp, self.scale, zero_point, qmin, qmax)
         return quantize_dequantize(x, self.scale, zero_point, qmin, qmax, blocks)
+
+    def _observe_and_quantize(self, x: Tensor, blocks: tuple[int, ...] | None, clamp) -> Tensor | None:
+        """The steady-state training forward (observe, update the qparams, fake-quantize) as one native call, where
+        it applies (plain float32 CPU tensors, eager, no range reduction across processes, no hooks on the
+        observer); ``None`` otherwise. The same numbers as the operation-by-operation path."""
+        observer = self.observer
+        reducer = observer.reducer
+        if reducer is not None and getattr(reducer, "active", lambda: True)():  # ranges combined across processes
+            return None
+        if observer._forward_hooks or observer._forward_pre_hooks:
+            return None
+        state = (observer.tracked_min, observer.tracked_max, self.scale, self.zero_point)
+        if observer.skip_nonfinite:
+            state += (observer.nonfinite_batches,)
+        layout = native.observe_layout(x, blocks, state)
+        if layout is None:
+            return None
+        key = (clamp, observer.tracking, observer.decay)
+        plan = self._native_plans.get(key)
+        if plan is None:
+            s = self.settings
+            plan = native.observe_plan(
+                observer.tracking.value, observer.decay, self._symmetric, observer.skip_nonfinite, s.qmin, s.qmax, clamp
+            )
+            self._native_plans[key] = plan
+        return observe_fake_quantize(x, layout, plan, state, not self._zero_free)
 
     def update_qparams(self) -> None:
         """Recompute ``scale`` and ``zero_point`` from the tracked range (no-op before the first batch)."""

@@ -89,9 +89,13 @@ class RangeObserver(nn.Module):
         self.reducer: RangeReducer | None = None  # e.g. quantrain.distributed.RangeSync (not state: not saved)
 
     @torch.no_grad()
-    def forward(self, x: Tensor, blocks: tuple[int, ...] | None = None) -> None:
+    def forward(self, x: Tensor, blocks: tuple[int, ...] | None = None, clamp: tuple[float, float | None] | None = None) -> None:
+        """Track the range of ``x`` (with ``clamp=(lo, hi)``: of ``clamp(x, lo, hi)``, which is ``x``'s range
+        clamped, as clamping is monotonic), per block of ``blocks`` or for the whole tensor."""
         current_min, current_max = min_max(x, blocks)
         current_min, current_max = current_min.float(), current_max.float()
+        if clamp is not None:
+            current_min, current_max = torch.clamp(current_min, *clamp), torch.clamp(current_max, *clamp)
         finite = self._finite_blocks(current_min, current_max) if self.skip_nonfinite else None
         if self.reducer is not None:
             if finite is not None:  # a block left out here takes the other processes' range (neutral min and max)

@@ -8,10 +8,12 @@ No gradient flows to ``scale`` or ``zero_point``. ``round`` is half-to-even. The
 dtype of ``x`` and ``scale`` (float32 for half-precision inputs); the result has ``x``'s dtype. A ``zero_point`` of
 ``None`` means 0 (symmetric signed types), and skips the two additions.
 
-Cost: one division, clamp, comparison, rounding and multiplication, each a single vectorized pass writing into the
-same buffer, and one multiplication in the backward pass. (PyTorch's own ``fake_quantize_per_*_affine`` kernels are
-not used: on CPU they are slower than these passes, they multiply by ``1 / scale`` instead of dividing, and their
-gradient mask tests the rounded value, so their numbers differ from the reference's.)
+Cost: on contiguous float32 CPU tensors, one pass of a native kernel that writes the result and a one-byte mask
+(:mod:`quantrain.ops.native`); elsewhere one division, clamp, comparison, rounding and multiplication, each a
+vectorized pass writing into the same buffer, with the same numbers. The backward pass is one multiplication by the
+mask. (PyTorch's own ``fake_quantize_per_*_affine`` kernels are not used: on CPU they are slower, they multiply by
+``1 / scale`` instead of dividing, and their gradient mask tests the rounded value, so their numbers differ from the
+reference's.)
 
 >>> import torch
 >>> x = torch.tensor([-1.0, 0.26, 0.3, 5.0], requires_grad=True)
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from quantrain.ops import native
 from quantrain.ops.ranges import block_layout
 
 __all__ = [
@@ -38,14 +41,45 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_clamped",
     "integer_bias",
+    "observe_fake_quantize",
     "quantize_dequantize",
+    "torch_quantize_dequantize_with_mask",
 ]
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
-def _quantize_dequantize_with_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int):
-    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax`` (bool)."""
+def _quantize_dequantize_with_mask(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    clamp: tuple[float, float | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax`` (bool); with
+    ``clamp=(lo, hi)``, of ``clamp(x, lo, hi)``, the mask also requiring ``lo < x < hi``.
+
+    One pass of the native kernel where it applies (:mod:`quantrain.ops.native`), else PyTorch operations."""
+    fused = native.fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
+    if fused is not None:
+        return fused
+    return torch_quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
+
+
+def torch_quantize_dequantize_with_mask(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    clamp: tuple[float, float | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_quantize_dequantize_with_mask` in PyTorch operations only (any dtype and device; traceable)."""
+    gate = None
+    if clamp is not None:
+        gate = clamp_gate(x, *clamp)
+        x = torch.clamp(x, *clamp)
     # Compute on the float32 grid of the stored scale: a 0-dim scale would otherwise be cast down to
     # x's dtype by type promotion (float16/bfloat16), giving other levels than a per-channel scale.
     work = x if x.dtype == scale.dtype else x.to(torch.promote_types(x.dtype, scale.dtype))
@@ -58,6 +92,8 @@ def _quantize_dequantize_with_mask(x: Tensor, scale: Tensor, zero_point: Tensor 
         t.add_(zero_point)
     q = torch.clamp(t, qmin, qmax)
     mask = torch.eq(q, t, out=torch.empty_like(t, dtype=MASK_DTYPE))
+    if gate is not None:
+        mask.logical_and_(gate)
     q.round_()
     if zero_point is not None:
         q.sub_(zero_point)
@@ -66,6 +102,9 @@ def _quantize_dequantize_with_mask(x: Tensor, scale: Tensor, zero_point: Tensor 
 
 
 def _masked(grad: Tensor, mask: Tensor) -> Tensor:
+    fused = native.masked_grad(grad, mask)
+    if fused is not None:
+        return fused
     # A bool mask read as uint8: the multiplication then converts in its loop (several times faster than bool).
     return grad * mask.view(torch.uint8)
 
@@ -74,8 +113,25 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     """Quantize-dequantize forward; gradient masked to the unclamped region (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-        out, mask = _quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax)
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, clamp) -> Tensor:
+        out, mask = _quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        (inside,) = ctx.saved_tensors
+        return _masked(grad_output, inside), None, None, None, None, None
+
+
+class _ObservedFakeQuantizeSTE(torch.autograd.Function):
+    """:func:`quantrain.ops.native.observe_fake_quantize` (observe, update the qparams, fake-quantize; one call), with
+    the straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layout, plan, state, quant_zero_point: bool) -> Tensor:
+        out, mask = native.observe_fake_quantize(x, layout, plan, *state[:4], quant_zero_point, *state[4:] or [None])
         ctx.save_for_backward(mask)
         return out
 
@@ -86,21 +142,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return _masked(grad_output, inside), None, None, None, None
 
 
-class _GatedFakeQuantizeSTE(torch.autograd.Function):
-    """Fake-quantize ``activated = f(x)`` and send the gradient to ``x`` where ``gate`` (f's own derivative mask) and
-    the quantizer's mask both pass: one saved mask instead of f's output plus the quantizer's mask."""
-
-    @staticmethod
-    def forward(ctx, x, activated, gate, scale, zero_point, qmin, qmax):
-        out, mask = _quantize_dequantize_with_mask(activated, scale, zero_point, qmin, qmax)
-        ctx.save_for_backward(mask.logical_and_(gate))
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor):
-        (inside,) = ctx.saved_tensors
-        return _masked(grad_output, inside), None, None, None, None, None, None
+def observe_fake_quantize(x: Tensor, layout, plan, state: tuple[Tensor, ...], quant_zero_point: bool) -> Tensor:
+    """Observe ``x``, update the quantizer's ``state`` (tracked min and max, scale, zero point, optionally the
+    non-finite counter) and fake-quantize ``x`` with the new qparams, in one native call (after
+    :func:`quantrain.ops.native.observe_layout` gave ``layout``), with the straight-through gradient."""
+    return _ObservedFakeQuantizeSTE.apply(x, layout, plan, state, quant_zero_point)
 
 
 class _ClampWithMask(torch.autograd.Function):
@@ -138,30 +184,21 @@ def clamp_with_mask(x: Tensor, lo: float, hi: float | None = None) -> Tensor:
 
 
 def fake_quantize_clamped(
-    x: Tensor,
-    activated: Tensor,
-    lo: float,
-    hi: float | None,
-    scale: Tensor,
-    zero_point: Tensor | None,
-    qmin: int,
-    qmax: int,
+    x: Tensor, lo: float, hi: float | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int
 ) -> Tensor:
     """``fake_quantize(clamp(x, lo, hi))`` (a fused ReLU/ReLU6 and its output quantizer), keeping one mask.
 
-    ``activated`` is ``clamp(x, lo, hi)``, computed by the caller (which observes its range first). The gradient is
-    the composition's: ``grad`` where ``lo < x < hi`` and the clamped value is inside the quantization range.
+    The gradient is the composition's: ``grad`` where ``lo < x < hi`` and the clamped value is inside the
+    quantization range.
 
     >>> x = torch.tensor([-1.0, 0.26, 9.0], requires_grad=True)
-    >>> y = fake_quantize_clamped(x, x.detach().clamp(0, 6), 0.0, 6.0, torch.tensor(0.1), None, 0, 255)
+    >>> y = fake_quantize_clamped(x, 0.0, 6.0, torch.tensor(0.1), None, 0, 255)
     >>> [round(v, 4) for v in y.tolist()]
     [0.0, 0.3, 6.0]
     >>> y.sum().backward(); x.grad.tolist()
     [0.0, 1.0, 0.0]
     """
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return fake_quantize(activated, scale, zero_point, qmin, qmax)
-    return _GatedFakeQuantizeSTE.apply(x, activated, clamp_gate(x, lo, hi), scale, zero_point, qmin, qmax)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, (lo, hi))
 
 
 MASK_DTYPE = torch.bool
@@ -170,7 +207,7 @@ MASK_DTYPE = torch.bool
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
     """Quantize-dequantize ``x`` with ``scale``/``zero_point`` broadcastable to it (see module docstring)."""
-    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, None)
 
 
 def quantize_dequantize(

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from quantrain.config.settings import WHOLE
+from quantrain.ops import native
 
 __all__ = ["WHOLE", "block_layout", "ema_update", "ema_update_all_", "min_max"]
 
@@ -47,6 +48,11 @@ def min_max(x: Tensor, blocks: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
     if blocks is None:
         return torch.aminmax(x)
     split, counts = block_layout(x.shape, blocks)
+    axes = [d for d, n in enumerate(counts) if n != 1]
+    if len(axes) == 1 and counts[axes[0]] == x.shape[axes[0]]:  # one range per index of a dim: one native pass
+        fused = native.channel_min_max(x, axes[0])
+        if fused is not None:
+            return fused[0].reshape(counts), fused[1].reshape(counts)
     view = x.reshape(split)  # amin and amax: on CPU two passes beat aminmax along dims (5x slower, measured)
     dims = tuple(range(1, len(split), 2))
     return view.amin(dim=dims).reshape(counts), view.amax(dim=dims).reshape(counts)
