@@ -56,8 +56,10 @@ def test_fake_quant_matches_pytorch_bit_for_bit(kernels, qmin, qmax, affine, sha
     want = torch_quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax)
     assert got is not None
     assert torch.equal(_bits(got[0]), _bits(want[0]))
-    assert torch.equal(got[1], want[1])
-    assert not got[1].all() and got[1].any()  # both sides of the clamp were exercised
+    mask = kernels.unpack_mask(got[1], x.shape)
+    assert got[1].dtype == torch.uint8 and got[1].numel() == (x.numel() + 7) // 8  # one bit per element
+    assert torch.equal(mask, want[1])
+    assert not mask.all() and mask.any()  # both sides of the clamp were exercised
 
 
 @pytest.mark.parametrize("clamp", [(0.0, None), (0.0, 6.0), (-1.0, 1.0)])
@@ -67,10 +69,11 @@ def test_fused_clamp_matches_pytorch(kernels, clamp, affine):
     scale, zero_point = torch.tensor(0.03), (torch.tensor(7.0) if affine else None)
     got = kernels.fake_quantize_with_mask(x, scale, zero_point, 0, 255, clamp)
     want = torch_quantize_dequantize_with_mask(x, scale, zero_point, 0, 255, clamp)
-    assert torch.equal(_bits(got[0]), _bits(want[0])) and torch.equal(got[1], want[1])
+    mask = kernels.unpack_mask(got[1], x.shape)
+    assert torch.equal(_bits(got[0]), _bits(want[0])) and torch.equal(mask, want[1])
     # the gate: gradient only strictly inside the clamp (and inside the quantization range)
     inside = (x > clamp[0]) & (x < (clamp[1] if clamp[1] is not None else float("inf")))
-    assert not (got[1] & ~inside).any()
+    assert not (mask & ~inside).any()
 
 
 def test_hand_computed_values(kernels):
@@ -78,7 +81,7 @@ def test_hand_computed_values(kernels):
         torch.tensor([[0.26, -0.34, 9.0], [0.25, 0.75, -1.25]]), torch.tensor([[0.1], [0.5]]), None, -10, 10
     )
     assert out.flatten().tolist() == pytest.approx([0.3, -0.3, 1.0, 0.0, 1.0, -1.0], abs=1e-7)
-    assert mask.tolist() == [[True, True, False], [True, True, True]]
+    assert mask.tolist() == [0b111011]  # bit i for element i, row after row
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((64, 100), 0), ((7, 3, 5), 1), ((3, 100, 33), 2), ((5, 16, 2, 2), 1)])
@@ -108,11 +111,18 @@ def test_per_channel_ranges_use_one_pass(kernels, monkeypatch):
     assert calls == [0] and torch.equal(lo, x.amin(1, keepdim=True)) and torch.equal(hi, x.amax(1, keepdim=True))
 
 
-def test_masked_gradient(kernels):
-    grad = torch.tensor([1.5, -2.0, float("nan"), float("inf"), -3.0])
-    mask = torch.tensor([True, False, False, False, True])
-    got = kernels.masked_grad(grad, mask)
+@pytest.mark.parametrize("n", [5, 8, 21, 70000])
+def test_masked_gradient(kernels, n):
+    grad = torch.randn(n)
+    grad[:5] = torch.tensor([1.5, -2.0, float("nan"), float("inf"), -3.0])
+    mask = torch.rand(n) > 0.3
+    mask[:5] = torch.tensor([True, False, False, False, True])
+    bits = kernels.fake_quantize_with_mask(torch.where(mask, 0.0, 1e9), torch.tensor(1.0), None, -127, 127)[1]
+    assert torch.equal(kernels.unpack_mask(bits, (n,)), mask)
+    got = kernels.masked_grad(grad, bits)
     assert torch.equal(_bits(got), _bits(grad * mask.float()))  # -2 * 0 = -0.0; NaN and inf * 0 = NaN
+    unpacked = kernels.masked_grad(grad.double(), bits)  # unpacked with PyTorch operations
+    assert torch.equal(unpacked.view(torch.int64), (grad.double() * mask.double()).view(torch.int64))
     x = torch.tensor([0.26, 9.0, -0.34], requires_grad=True)
     fake_quantize(x, torch.tensor(0.1), None, -10, 10).backward(torch.tensor([2.0, 3.0, 4.0]))
     assert x.grad.tolist() == [2.0, 0.0, 4.0]
@@ -125,7 +135,6 @@ def test_other_tensors_take_the_pytorch_path(kernels):
     assert kernels.fake_quantize_with_mask(torch.randn(4, 6), torch.rand(4, 6), None, -127, 127) is None  # two axes
     assert kernels.fake_quantize_with_mask(torch.randn(4, 6), scale.double(), None, -127, 127) is None
     assert kernels.channel_min_max(torch.randn(8, 4).t(), 0) is None
-    assert kernels.masked_grad(torch.randn(8, 4).t(), torch.ones(4, 8, dtype=torch.bool)) is None
 
 
 def test_fused_clamp_gradient_through_autograd(kernels):

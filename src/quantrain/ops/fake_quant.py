@@ -8,8 +8,8 @@ No gradient flows to ``scale`` or ``zero_point``. ``round`` is half-to-even. The
 dtype of ``x`` and ``scale`` (float32 for half-precision inputs); the result has ``x``'s dtype. A ``zero_point`` of
 ``None`` means 0 (symmetric signed types), and skips the two additions.
 
-Cost: on contiguous float32 CPU tensors, one pass of a native kernel that writes the result and a one-byte mask
-(:mod:`quantrain.ops.native`); elsewhere one division, clamp, comparison, rounding and multiplication, each a
+Cost: on contiguous float32 CPU tensors, one pass of a native kernel that writes the result and a one-bit-per-element
+mask (:mod:`quantrain.ops.native`); elsewhere one division, clamp, comparison, rounding and multiplication, each a
 vectorized pass writing into the same buffer, with the same numbers. The backward pass is one multiplication by the
 mask. (PyTorch's own ``fake_quantize_per_*_affine`` kernels are not used: on CPU they are slower, they multiply by
 ``1 / scale`` instead of dividing, and their gradient mask tests the rounded value, so their numbers differ from the
@@ -57,10 +57,11 @@ def _quantize_dequantize_with_mask(
     qmax: int,
     clamp: tuple[float, float | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax`` (bool); with
+    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax``; with
     ``clamp=(lo, hi)``, of ``clamp(x, lo, hi)``, the mask also requiring ``lo < x < hi``.
 
-    One pass of the native kernel where it applies (:mod:`quantrain.ops.native`), else PyTorch operations."""
+    One pass of the native kernel where it applies (:mod:`quantrain.ops.native`; the mask then packed one bit per
+    element, as uint8), else PyTorch operations (a bool mask)."""
     fused = native.fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
     if fused is not None:
         return fused
@@ -102,9 +103,9 @@ def torch_quantize_dequantize_with_mask(
 
 
 def _masked(grad: Tensor, mask: Tensor) -> Tensor:
-    fused = native.masked_grad(grad, mask)
-    if fused is not None:
-        return fused
+    """``grad * mask`` for a bool mask, or a mask packed in bits (uint8) by the native kernels."""
+    if mask.dtype == torch.uint8:
+        return native.masked_grad(grad, mask)
     # A bool mask read as uint8: the multiplication then converts in its loop (several times faster than bool).
     return grad * mask.view(torch.uint8)
 

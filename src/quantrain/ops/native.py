@@ -37,10 +37,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ObservePlan",
+    "Plan",
     "channel_min_max",
     "fake_quantize_with_mask",
     "masked_grad",
+    "unpack_mask",
     "observe_fake_quantize",
     "observe_layout",
     "observe_plan",
@@ -57,7 +58,6 @@ _reason = "not loaded yet"
 _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses: fake, functional or traced tensors have no real data
 _F32P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-_FLOAT = ctypes.c_float
 _INT = ctypes.c_int
 
 
@@ -75,11 +75,12 @@ def fake_quantize_with_mask(
     qmax: int,
     clamp: tuple[float, float | None] | None = None,
 ) -> tuple[Tensor, Tensor] | None:
-    """``(x_hat, mask)`` of :func:`quantrain.ops.fake_quant.fake_quantize` in one pass, with ``clamp=(lo, hi)``
+    """``(x_hat, bits)`` of :func:`quantrain.ops.fake_quant.fake_quantize` in one pass, with ``clamp=(lo, hi)``
     applied to ``x`` first (a fused ReLU/ReLU6; the mask then also requires ``lo < x < hi``); ``None`` where this
     path does not apply (then use the PyTorch operations).
 
     ``scale`` (and ``zero_point``) hold one value, or one per index of a single dim of ``x`` (broadcastable to it).
+    ``bits`` is the gradient mask packed one bit per element (see :func:`unpack_mask`).
     """
     if not _plain_f32(x) or scale.dtype != torch.float32 or scale.device.type != "cpu" or x.numel() == 0:
         return None
@@ -92,42 +93,47 @@ def fake_quantize_with_mask(
     scale = scale.detach().contiguous()
     if zero_point is not None:
         zero_point = zero_point.detach().to(torch.float32).contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    mask = torch.empty(x.shape, dtype=torch.bool)
-    lo, hi = (0.0, None) if clamp is None else clamp
+    out, bits = torch.empty_like(x, memory_format=torch.contiguous_format), _mask_bits(x.numel())
     lib.quantrain_fake_quant(
         x.data_ptr(),
         out.data_ptr(),
-        mask.data_ptr(),
+        bits.data_ptr(),
         scale.data_ptr(),
         None if zero_point is None else zero_point.data_ptr(),
         *layout,
-        float(qmin),
-        float(qmax),
-        clamp is not None,
-        float(lo),
-        hi is not None,
-        0.0 if hi is None else float(hi),
+        ctypes.byref(_quantize_plan(qmin, qmax, clamp)),
         torch.get_num_threads(),
     )
-    return out, mask
+    return out, bits
 
 
-def masked_grad(grad: Tensor, mask: Tensor) -> Tensor | None:
-    """``grad * mask`` for a bool ``mask`` of the same shape (one pass, no float copy of the mask); ``None`` where this
-    path does not apply."""
-    if not (_plain_f32(grad) and mask.is_contiguous() and mask.shape == grad.shape) or grad.numel() == 0:
-        return None
-    lib = _library()
-    if lib is None:
-        return None
+def masked_grad(grad: Tensor, bits: Tensor) -> Tensor:
+    """``grad * mask`` for a mask packed by this module's kernels (one pass; a zero keeps the gradient's sign)."""
+    grad = grad.contiguous()
+    if not _plain_f32(grad) or _library() is None:  # e.g. a float64 gradient: unpack with PyTorch operations
+        return grad * unpack_mask(bits, grad.shape).to(grad.dtype)
     out = torch.empty_like(grad)
-    lib.quantrain_masked_grad(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
+    _library().quantrain_masked_grad(grad.data_ptr(), bits.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
     return out
 
 
-class ObservePlan(ctypes.Structure):
-    """A quantizer's constant settings for :func:`observe_fake_quantize` (``quantrain_plan`` in the C source)."""
+def unpack_mask(bits: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The bool mask of ``shape`` packed in ``bits`` (element ``i`` is bit ``i % 8`` of byte ``i // 8``).
+
+    >>> unpack_mask(torch.tensor([0b101], dtype=torch.uint8), (3,)).tolist()
+    [True, False, True]
+    """
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    flat = bits.reshape(-1, 1).bitwise_and(weights).ne(0).reshape(-1)
+    return flat[: torch.Size(shape).numel()].reshape(shape)
+
+
+def _mask_bits(numel: int) -> Tensor:
+    return torch.empty((numel + 7) // 8, dtype=torch.uint8)
+
+
+class Plan(ctypes.Structure):
+    """A quantizer's constant settings for the kernels (``quantrain_plan`` in the C source)."""
 
     _fields_ = [
         ("tracking", ctypes.c_int32),
@@ -145,6 +151,12 @@ class ObservePlan(ctypes.Structure):
     ]
 
 
+@functools.lru_cache(maxsize=256)
+def _quantize_plan(qmin: int, qmax: int, clamp: tuple[float, float | None] | None) -> Plan:
+    """The plan of a fake quantization alone (the observer's fields unused)."""
+    return observe_plan("minmax", 0.0, False, False, qmin, qmax, clamp)
+
+
 TRACKING_CODES = {"ema": 0, "minmax": 1, "extremes": 2}
 
 
@@ -156,10 +168,10 @@ def observe_plan(
     qmin: int,
     qmax: int,
     clamp: tuple[float, float | None] | None = None,
-) -> ObservePlan:
+) -> Plan:
     """The plan of a quantizer with these settings (``tracking``: a ``RangeTracking`` value)."""
     lo, hi = (0.0, None) if clamp is None else clamp
-    return ObservePlan(
+    return Plan(
         tracking=TRACKING_CODES[tracking],
         symmetric=symmetric,
         skip_nonfinite=skip_nonfinite,
@@ -207,7 +219,7 @@ def observe_layout(x: Tensor, blocks: tuple[int, ...] | None, state: tuple[Tenso
 def observe_fake_quantize(
     x: Tensor,
     layout: tuple[int, int, int],
-    plan: ObservePlan,
+    plan: Plan,
     tracked_min: Tensor,
     tracked_max: Tensor,
     scale: Tensor,
@@ -220,13 +232,12 @@ def observe_fake_quantize(
     ``zero_point``) from it, and return ``(x_hat, mask)`` as :func:`fake_quantize_with_mask` with them.
     ``quant_zero_point``: whether the fake quantization adds the zero point (not for symmetric signed types).
     Only after :func:`observe_layout` said it applies; the numbers are those of the PyTorch path, bit for bit."""
-    out = torch.empty_like(x)
-    mask = torch.empty(x.shape, dtype=torch.bool)
+    out, bits = torch.empty_like(x), _mask_bits(x.numel())
     scratch = torch.empty(2 * layout[1])
     _library().quantrain_observe_fake_quant(
         x.data_ptr(),
         out.data_ptr(),
-        mask.data_ptr(),
+        bits.data_ptr(),
         *layout,
         ctypes.byref(plan),
         tracked_min.data_ptr(),
@@ -238,7 +249,7 @@ def observe_fake_quantize(
         scratch.data_ptr(),
         torch.get_num_threads(),
     )
-    return out, mask
+    return out, bits
 
 
 def channel_min_max(x: Tensor, axis: int) -> tuple[Tensor, Tensor] | None:
@@ -298,13 +309,13 @@ def _library() -> ctypes.CDLL | None:
         _reason = f"unavailable ({exc}); using PyTorch operations"
         _log.info("quantrain: native CPU kernels %s", _reason)
         return None
-    lib.quantrain_fake_quant.argtypes = [_F32P] * 5 + [_I64] * 3 + [_FLOAT, _FLOAT, _INT, _FLOAT, _INT, _FLOAT, _INT]
+    lib.quantrain_fake_quant.argtypes = [_F32P] * 5 + [_I64] * 3 + [ctypes.POINTER(Plan), _INT]
     lib.quantrain_fake_quant.restype = None
     lib.quantrain_channel_min_max.argtypes = [_F32P] * 3 + [_I64] * 3 + [_INT]
     lib.quantrain_channel_min_max.restype = None
     lib.quantrain_masked_grad.argtypes = [_F32P] * 3 + [_I64, _INT]
     lib.quantrain_masked_grad.restype = None
-    lib.quantrain_observe_fake_quant.argtypes = [_F32P] * 3 + [_I64] * 3 + [ctypes.POINTER(ObservePlan)] + [_F32P] * 7 + [_INT]
+    lib.quantrain_observe_fake_quant.argtypes = [_F32P] * 3 + [_I64] * 3 + [ctypes.POINTER(Plan)] + [_F32P] * 7 + [_INT]
     lib.quantrain_observe_fake_quant.restype = None
     _reason = f"loaded: {path}"
     return lib

@@ -1,10 +1,14 @@
-/* quantrain's CPU kernels: fake quantization with its straight-through mask in one pass, and per-channel ranges.
+/* quantrain's CPU kernels: fake quantization with its straight-through mask in one pass, per-channel ranges, the
+ * masked gradient, and a whole quantizer step (observe, update scale and zero point, fake-quantize) in one call.
  *
  * Each function computes, element by element, exactly what the PyTorch operations of quantrain/ops compute (the
  * same float32 operations in the same order, IEEE division, round half to even, NaN propagated as torch.clamp,
  * torch.amin and torch.amax do), so the two paths give identical bits. Build flags keep it so: no -ffast-math, and
  * -ffp-contract=off (no fused multiply-add). Tensors are contiguous float32, viewed as (outer, channels, inner):
  * one scale and zero point per channel (channels = 1 for one per tensor).
+ *
+ * The gradient mask is kept packed, one bit per element (element i is bit i % 8 of byte i / 8), 8 times smaller
+ * than PyTorch's bool tensor. Threads share the work in runs of whole bytes, so no two write the same byte.
  */
 #include <float.h>
 #include <math.h>
@@ -12,6 +16,21 @@
 #include <string.h>
 
 #define PARALLEL_GRAIN 32768 /* elements below which one thread does the work */
+#define MASK_BLOCK 1024      /* mask bytes gathered before they are packed (a multiple of 8) */
+
+enum { TRACK_MOVING_AVERAGE = 0, TRACK_CURRENT = 1, TRACK_RUNNING_EXTREMES = 2 };
+
+/* A quantizer's constant settings (quantrain.ops.native.Plan). */
+typedef struct {
+    int32_t tracking;         /* TRACK_* */
+    int32_t symmetric;        /* scale from max(-min, max); the zero point is a constant, left as it is */
+    int32_t skip_nonfinite;   /* a channel whose batch range is not finite keeps its tracked range (and is counted) */
+    int32_t has_gate, has_hi; /* a fused clamp(x, lo, hi) applied first (ReLU: no hi) */
+    float decay, keep;        /* moving average: tracked * decay + current * keep, keep = (float)(1 - decay) */
+    float qmin, qmax;
+    float levels; /* (qmax - qmin) / 2 for symmetric, qmax - qmin for affine */
+    float lo, hi;
+} quantrain_plan;
 
 static inline float clampf(float v, float lo, float hi) {
     /* torch.clamp: max then min, a NaN stays NaN (both comparisons are false) */
@@ -19,13 +38,48 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* One row of n elements with one scale s and zero point z (has_zero_point):
+static inline float maximum_nan(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
+static inline float minimum_nan(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
+
+/* ---- packed masks ---------------------------------------------------------------------------------------------- */
+
+/* Mask bytes (0 or 1) of consecutive elements, packed into bits MASK_BLOCK at a time. `pos` (the element of buf[0])
+ * is a multiple of 8 whenever the writer is flushed, so every flush writes whole bytes of its own. */
+typedef struct {
+    uint8_t *bits;
+    int64_t pos;
+    int64_t fill;
+    uint8_t buf[MASK_BLOCK];
+} mask_writer;
+
+static void mask_flush(mask_writer *w) {
+    uint8_t *dst = w->bits + w->pos / 8;
+    const int64_t whole = w->fill / 8;
+    for (int64_t k = 0; k < whole; k++) {
+        uint64_t eight;
+        memcpy(&eight, w->buf + 8 * k, 8);
+        dst[k] = (uint8_t)((eight * 0x0102040810204080ULL) >> 56); /* byte j (0 or 1) to bit j, no carries */
+    }
+    if (w->fill > 8 * whole) { /* the tensor's last, partial byte */
+        uint8_t last = 0;
+        for (int64_t j = 0; j < w->fill - 8 * whole; j++) last |= (uint8_t)(w->buf[8 * whole + j] << j);
+        dst[whole] = last;
+    }
+    w->pos += w->fill;
+    w->fill = 0;
+}
+
+/* ---- fake quantization ----------------------------------------------------------------------------------------- */
+
+/* n elements with one scale s and zero point z (has_zero_point):
  * out = (round(clamp(a / s + z, qmin, qmax)) - z) * s and mask = (clamp(t) == t), with a = x, or with
  * has_gate: a = clamp(x, lo, hi) (hi only when has_hi) and mask &= (lo < x && x < hi), the clamp's own gradient.
  * Without a zero point (symmetric signed) the additions are skipped, as in the PyTorch path. */
-static void fake_quant_row(const float *x, float *out, uint8_t *mask, int64_t n, float s, int has_zero_point, float z,
-                           float qmin, float qmax, int has_gate, float lo, int has_hi, float hi) {
-    if (has_gate) {
+static void fake_quant_run(const float *x, float *out, uint8_t *mask, int64_t n, float s, int has_zero_point, float z,
+                           const quantrain_plan *p) {
+    const float qmin = p->qmin, qmax = p->qmax, lo = p->lo, hi = p->hi;
+    if (p->has_gate) {
+        const int has_hi = p->has_hi;
         for (int64_t i = 0; i < n; i++) {
             const float v = x[i];
             const uint8_t gate = has_hi ? (lo < v) & (v < hi) : (lo < v);
@@ -53,30 +107,63 @@ static void fake_quant_row(const float *x, float *out, uint8_t *mask, int64_t n,
     }
 }
 
-/* Fake quantization of x viewed as (outer, channels, inner), one scale (and zero point, unless NULL) per channel:
- * rows of one channel each, or blocks of rows when a row is short, shared among the threads. */
-void quantrain_fake_quant(const float *x, float *out, uint8_t *mask, const float *scale, const float *zero_point,
-                          int64_t outer, int64_t channels, int64_t inner, float qmin, float qmax, int has_gate,
-                          float lo, int has_hi, float hi, int threads) {
-    const int64_t rows = outer * channels;
-    if (channels == 1) { /* one scale: split the whole tensor into equal pieces instead */
-        const int64_t n = rows * inner, pieces = n > PARALLEL_GRAIN ? threads : 1, step = (n + pieces - 1) / pieces;
-        const float z = zero_point ? zero_point[0] : 0.0f;
-#pragma omp parallel for num_threads(threads) schedule(static) if (pieces > 1)
-        for (int64_t k = 0; k < pieces; k++) {
-            const int64_t start = k * step < n ? k * step : n, stop = start + step < n ? start + step : n;
-            fake_quant_row(x + start, out + start, mask + start, stop - start, scale[0], zero_point != NULL, z, qmin,
-                           qmax, has_gate, lo, has_hi, hi);
-        }
-        return;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * inner > PARALLEL_GRAIN)
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t c = r % channels, start = r * inner;
-        fake_quant_row(x + start, out + start, mask + start, inner, scale[c], zero_point != NULL,
-                       zero_point ? zero_point[c] : 0.0f, qmin, qmax, has_gate, lo, has_hi, hi);
+/* fake_quant_run on n elements, its mask bytes going through the writer. */
+static void fake_quant_masked(mask_writer *w, const float *x, float *out, int64_t n, float s, int has_zero_point,
+                              float z, const quantrain_plan *p) {
+    while (n > 0) {
+        int64_t take = MASK_BLOCK - w->fill;
+        take = take < n ? take : n;
+        fake_quant_run(x, out, w->buf + w->fill, take, s, has_zero_point, z, p);
+        w->fill += take;
+        x += take;
+        out += take;
+        n -= take;
+        if (w->fill == MASK_BLOCK) mask_flush(w);
     }
 }
+
+/* Elements [start, stop) of x viewed as (rows, inner), row r with the scale of channel r % channels. */
+static void fake_quant_span(const float *x, float *out, uint8_t *bits, int64_t start, int64_t stop, int64_t channels,
+                            int64_t inner, const float *scale, const float *zero_point, const quantrain_plan *p) {
+    mask_writer w;
+    w.bits = bits;
+    w.pos = start;
+    w.fill = 0;
+    for (int64_t i = start; i < stop;) {
+        const int64_t row = i / inner, end = (row + 1) * inner < stop ? (row + 1) * inner : stop;
+        const int64_t c = row % channels;
+        fake_quant_masked(&w, x + i, out + i, end - i, scale[c], zero_point != NULL, zero_point ? zero_point[c] : 0.0f,
+                          p);
+        i = end;
+    }
+    mask_flush(&w);
+}
+
+/* Fake quantization of x viewed as (outer, channels, inner), one scale (and zero point, unless NULL) per channel,
+ * the mask packed into bits; the threads take equal runs of whole bytes. */
+void quantrain_fake_quant(const float *x, float *out, uint8_t *bits, const float *scale, const float *zero_point,
+                          int64_t outer, int64_t channels, int64_t inner, const quantrain_plan *plan, int threads) {
+    const int64_t n = outer * channels * inner;
+    const int64_t pieces = n > PARALLEL_GRAIN ? threads : 1, step = ((n + pieces - 1) / pieces + 7) / 8 * 8;
+#pragma omp parallel for num_threads(threads) schedule(static) if (pieces > 1)
+    for (int64_t k = 0; k < pieces; k++) {
+        const int64_t start = k * step < n ? k * step : n, stop = start + step < n ? start + step : n;
+        fake_quant_span(x, out, bits, start, stop, channels, inner, scale, zero_point, plan);
+    }
+}
+
+/* The straight-through gradient: out = grad * mask (as float: a zero keeps the gradient's sign, NaN stays NaN). */
+void quantrain_masked_grad(const float *grad, const uint8_t *bits, float *out, int64_t n, int threads) {
+    const int64_t bytes = n / 8;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n > PARALLEL_GRAIN)
+    for (int64_t k = 0; k < bytes; k++) {
+        const uint8_t b = bits[k];
+        for (int j = 0; j < 8; j++) out[8 * k + j] = grad[8 * k + j] * (float)((b >> j) & 1);
+    }
+    for (int64_t i = 8 * bytes; i < n; i++) out[i] = grad[i] * (float)((bits[i / 8] >> (i % 8)) & 1);
+}
+
+/* ---- ranges ---------------------------------------------------------------------------------------------------- */
 
 /* 16 running minima and maxima side by side (GCC/Clang vector extensions, so that the scan is vectorized without
  * -ffast-math: a < b ? a : b as a comparison and a blend, the comparison false for NaN, which is tracked apart). */
@@ -128,29 +215,27 @@ void quantrain_channel_min_max(const float *x, float *mins, float *maxs, int64_t
     for (int64_t c = 0; c < channels; c++) rows_min_max(x + c * inner, outer, channels * inner, inner, mins + c, maxs + c);
 }
 
-/* The straight-through gradient: out = grad * mask (as float: a zero keeps the gradient's sign, NaN stays NaN). */
-void quantrain_masked_grad(const float *grad, const uint8_t *mask, float *out, int64_t n, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (n > PARALLEL_GRAIN)
-    for (int64_t i = 0; i < n; i++) out[i] = grad[i] * (float)mask[i];
+/* The whole tensor's minimum and maximum, a run per thread (NaN wins). */
+static void tensor_min_max(const float *x, int64_t n, float *mn, float *mx, int threads) {
+    enum { MAX_PIECES = 64 };
+    float lo[MAX_PIECES], hi[MAX_PIECES];
+    const int64_t pieces = n > PARALLEL_GRAIN ? (threads < MAX_PIECES ? threads : MAX_PIECES) : 1;
+    const int64_t step = (n + pieces - 1) / pieces;
+#pragma omp parallel for num_threads(threads) schedule(static) if (pieces > 1)
+    for (int64_t k = 0; k < pieces; k++) {
+        const int64_t start = k * step < n ? k * step : n, stop = start + step < n ? start + step : n;
+        rows_min_max(x + start, 1, 0, stop - start, lo + k, hi + k);
+    }
+    float l = INFINITY, h = -INFINITY;
+    for (int64_t k = 0; k < pieces; k++) {
+        l = minimum_nan(l, lo[k]);
+        h = maximum_nan(h, hi[k]);
+    }
+    *mn = l;
+    *mx = h;
 }
 
-/* ---- one quantizer step: observe the range, update scale and zero point, fake-quantize ------------------------ */
-
-enum { TRACK_MOVING_AVERAGE = 0, TRACK_CURRENT = 1, TRACK_RUNNING_EXTREMES = 2 };
-
-typedef struct {
-    int32_t tracking;       /* TRACK_* */
-    int32_t symmetric;      /* scale from max(-min, max); the zero point is a constant, left as it is */
-    int32_t skip_nonfinite; /* a channel whose batch range is not finite keeps its tracked range (and is counted) */
-    int32_t has_gate, has_hi; /* a fused clamp(x, lo, hi) applied first (ReLU: no hi) */
-    float decay, keep;      /* moving average: tracked * decay + current * keep, keep = (float)(1 - decay) */
-    float qmin, qmax;
-    float levels;           /* (qmax - qmin) / 2 for symmetric, qmax - qmin for affine */
-    float lo, hi;
-} quantrain_plan;
-
-static inline float maximum_nan(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
-static inline float minimum_nan(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
+/* ---- one quantizer step ---------------------------------------------------------------------------------------- */
 
 /* Track one channel's batch range [cmin, cmax] and write its scale (and affine zero point), as
  * RangeObserver.forward then FakeQuantizer._update_qparams do. Returns whether the batch range was left out. */
@@ -168,8 +253,8 @@ static int update_channel(const quantrain_plan *p, float cmin, float cmax, float
         cmax = *tmax;
     }
     if (p->tracking == TRACK_MOVING_AVERAGE) {
-        float a = *tmin * p->decay, b = *tmax * p->decay;
-        float ca = cmin * p->keep, cb = cmax * p->keep;
+        const float a = *tmin * p->decay, b = *tmax * p->decay;
+        const float ca = cmin * p->keep, cb = cmax * p->keep;
         *tmin = a + ca;
         *tmax = b + cb;
     } else if (p->tracking == TRACK_RUNNING_EXTREMES) {
@@ -193,59 +278,47 @@ static int update_channel(const quantrain_plan *p, float cmin, float cmax, float
     return left_out;
 }
 
-/* The whole tensor's minimum and maximum, in parallel chunks (NaN wins). */
-static void tensor_min_max(const float *x, int64_t n, float *mn, float *mx, int threads) {
-    enum { MAX_PIECES = 64 };
-    float lo[MAX_PIECES], hi[MAX_PIECES];
-    const int64_t pieces = n > PARALLEL_GRAIN ? (threads < MAX_PIECES ? threads : MAX_PIECES) : 1;
-    const int64_t step = (n + pieces - 1) / pieces;
-#pragma omp parallel for num_threads(threads) schedule(static) if (pieces > 1)
-    for (int64_t k = 0; k < pieces; k++) {
-        const int64_t start = k * step < n ? k * step : n, stop = start + step < n ? start + step : n;
-        rows_min_max(x + start, 1, 0, stop - start, lo + k, hi + k);
-    }
-    float l = INFINITY, h = -INFINITY;
-    for (int64_t k = 0; k < pieces; k++) {
-        l = minimum_nan(l, lo[k]);
-        h = maximum_nan(h, hi[k]);
-    }
-    *mn = l;
-    *mx = h;
-}
-
 /* Observe x (viewed as (outer, channels, inner), one range per channel), update the quantizer's buffers in place
  * (tracked_min, tracked_max, scale, and zero_point for affine), count a batch with a left-out range in *nonfinite,
- * then write out and mask as quantrain_fake_quant does. quant_zero_point: the zero point the fake quantization
- * adds, NULL where it is 0 (symmetric signed). */
-void quantrain_observe_fake_quant(const float *x, float *out, uint8_t *mask, int64_t outer, int64_t channels,
+ * then write out and the packed mask as quantrain_fake_quant does. quant_zero_point: the zero point the fake
+ * quantization adds, NULL where it is 0 (symmetric signed). scratch: 2 * channels floats. */
+void quantrain_observe_fake_quant(const float *x, float *out, uint8_t *bits, int64_t outer, int64_t channels,
                                   int64_t inner, const quantrain_plan *plan, float *tracked_min, float *tracked_max,
                                   float *scale, float *zero_point, const float *quant_zero_point, int64_t *nonfinite,
                                   float *scratch, int threads) {
     float *cmin = scratch, *cmax = scratch + channels;
     int left_out = 0;
-    if (channels == 1) {
-        tensor_min_max(x, outer * inner, cmin, cmax, threads);
-    } else if (outer > 1) {
-        quantrain_channel_min_max(x, cmin, cmax, outer, channels, inner, threads);
-    }
-    if (outer == 1 && channels > 1) { /* each channel is contiguous: observe and quantize it while it is in cache */
+    if (outer == 1 && channels > 1) {
+        /* each channel is contiguous: observe and quantize it while it is in cache, 8 channels per task (their
+         * elements are a multiple of 8, so each task writes whole mask bytes) */
+        const int64_t groups = (channels + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static) if (channels * inner > PARALLEL_GRAIN)
-        for (int64_t c = 0; c < channels; c++) {
-            rows_min_max(x + c * inner, 1, 0, inner, cmin + c, cmax + c);
-            /* cmin[c] is done with: it keeps whether the channel's range was left out */
-            cmin[c] = (float)update_channel(plan, cmin[c], cmax[c], tracked_min + c, tracked_max + c, scale + c,
-                                            zero_point ? zero_point + c : NULL);
-            fake_quant_row(x + c * inner, out + c * inner, mask + c * inner, inner, scale[c], quant_zero_point != NULL,
-                           quant_zero_point ? quant_zero_point[c] : 0.0f, plan->qmin, plan->qmax, plan->has_gate,
-                           plan->lo, plan->has_hi, plan->hi);
+        for (int64_t g = 0; g < groups; g++) {
+            mask_writer w;
+            w.bits = bits;
+            w.pos = 8 * g * inner;
+            w.fill = 0;
+            for (int64_t c = 8 * g; c < channels && c < 8 * g + 8; c++) {
+                const float *xc = x + c * inner;
+                rows_min_max(xc, 1, 0, inner, cmin + c, cmax + c);
+                /* cmin[c] is done with: it keeps whether the channel's range was left out */
+                cmin[c] = (float)update_channel(plan, cmin[c], cmax[c], tracked_min + c, tracked_max + c, scale + c,
+                                                zero_point ? zero_point + c : NULL);
+                fake_quant_masked(&w, xc, out + c * inner, inner, scale[c], quant_zero_point != NULL,
+                                  quant_zero_point ? quant_zero_point[c] : 0.0f, plan);
+            }
+            mask_flush(&w);
         }
         for (int64_t c = 0; c < channels; c++) left_out |= cmin[c] != 0.0f;
     } else {
+        if (channels == 1)
+            tensor_min_max(x, outer * inner, cmin, cmax, threads);
+        else
+            quantrain_channel_min_max(x, cmin, cmax, outer, channels, inner, threads);
         for (int64_t c = 0; c < channels; c++)
             left_out |= update_channel(plan, cmin[c], cmax[c], tracked_min + c, tracked_max + c, scale + c,
                                        zero_point ? zero_point + c : NULL);
-        quantrain_fake_quant(x, out, mask, scale, quant_zero_point, outer, channels, inner, plan->qmin, plan->qmax,
-                             plan->has_gate, plan->lo, plan->has_hi, plan->hi, threads);
+        quantrain_fake_quant(x, out, bits, scale, quant_zero_point, outer, channels, inner, plan, threads);
     }
     if (nonfinite && left_out) *nonfinite += 1;
 }
