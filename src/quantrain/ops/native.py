@@ -110,10 +110,11 @@ def fake_quantize_with_mask(
 def masked_grad(grad: Tensor, bits: Tensor) -> Tensor:
     """``grad * mask`` for a mask packed by this module's kernels (one pass; a zero keeps the gradient's sign)."""
     grad = grad.contiguous()
-    if not _plain_f32(grad) or _library() is None:  # e.g. a float64 gradient: unpack with PyTorch operations
-        return grad * unpack_mask(bits, grad.shape).to(grad.dtype)
+    lib = _library()
+    if not (type(grad) in _PLAIN and grad.dtype is torch.float32 and grad.is_cpu) or lib is None:
+        return grad * unpack_mask(bits, grad.shape).to(grad.dtype)  # e.g. a float64 gradient
     out = torch.empty_like(grad)
-    _library().quantrain_masked_grad(grad.data_ptr(), bits.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
+    lib.quantrain_masked_grad(grad.data_ptr(), bits.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
     return out
 
 
@@ -207,12 +208,13 @@ def observe_layout(x: Tensor, blocks: tuple[int, ...] | None, state: tuple[Tenso
             return None
         layout = (1, 1, x.numel()) if not axes else _channel_layout(x.shape, torch.Size(counts))
     channels = layout[1]
-    for i, tensor in enumerate(state):
-        dtype = torch.int64 if i == 4 else torch.float32
-        if not (type(tensor) is Tensor and tensor.dtype == dtype and tensor.device.type == "cpu" and tensor.is_contiguous()):
+    for tensor in state[:4]:
+        if not (type(tensor) is Tensor and tensor.dtype is torch.float32 and tensor.is_cpu and tensor.is_contiguous()):
             return None
-        if tensor.numel() != (1 if i == 4 else channels):
+        if tensor.numel() != channels:
             return None
+    if len(state) > 4 and not (type(state[4]) is Tensor and state[4].dtype is torch.int64 and state[4].is_cpu):
+        return None
     return layout
 
 
@@ -273,8 +275,8 @@ def _plain_f32(x: Tensor) -> bool:
     """A real (not fake, traced or subclassed) contiguous float32 CPU tensor, outside compilation and tracing."""
     return (
         type(x) in _PLAIN
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
+        and x.dtype is torch.float32
+        and x.is_cpu
         and x.is_contiguous()
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
