@@ -144,7 +144,7 @@ def test_fused_clamp_gradient_through_autograd(kernels):
     assert y.tolist() == pytest.approx([0.0, 0.3, 5.9, 6.0], abs=1e-6) and x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
-def _train(steps: int = 4) -> dict[str, torch.Tensor]:
+def _train(fuse, steps: int = 4) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
     config = [
@@ -153,7 +153,7 @@ def _train(steps: int = 4) -> dict[str, torch.Tensor]:
         {"op_types": ["Linear"], "target_names": ["_input_", "weight", "_output_"], "quant_dtype": "uint8",
          "quant_scheme": "affine"},
     ]  # fmt: skip
-    QATQuantizer(model, config, fuse="auto")
+    QATQuantizer(model, config, fuse=fuse)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(steps):
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
@@ -164,12 +164,40 @@ def _train(steps: int = 4) -> dict[str, torch.Tensor]:
 
 
 def test_training_is_identical_with_and_without_kernels(kernels, monkeypatch):
-    with_kernels = _train()
+    with_kernels = _train(fuse=None)
     monkeypatch.setattr(native, "_library", lambda: None)
-    without = _train()
+    without = _train(fuse=None)
     assert with_kernels.keys() == without.keys()
     for name, value in with_kernels.items():
         assert torch.equal(value, without[name]), name
+
+
+def test_folded_batch_norm_training_agrees_with_the_pytorch_path(kernels, monkeypatch):
+    with_kernels = _train(fuse="auto")
+    assert "0.fusion.bn_frozen" in with_kernels  # the BatchNorm was folded
+    monkeypatch.setattr(native, "_library", lambda: None)
+    without = _train(fuse="auto")
+    for name, value in with_kernels.items():  # the fold's per-channel sum is rounded differently (see the kernel)
+        torch.testing.assert_close(value, without[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 8, 8), (5, 7, 3), (4, 6)])
+def test_channel_divide_backward(kernels, shape):
+    grad, out = torch.randn(shape), torch.randn(shape)
+    s = torch.rand((1, shape[1]) + (1,) * (len(shape) - 2)) + 0.5
+    grad_y, grad_s = kernels.channel_divide_backward(grad, out, s, True, True)
+    assert torch.equal(_bits(grad_y), _bits(grad / s))
+    torch.testing.assert_close(grad_s, -(grad * out).sum_to_size(s.shape) / s, rtol=1e-5, atol=1e-5)
+    exact = -(grad.double() * out.double()).sum_to_size(s.shape) / s.double()
+    assert (grad_s.double() - exact).abs().max() <= (exact.abs() * 2**-23).max()  # within one rounding
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(_bits(kernels.channel_divide_backward(grad, out, s, False, True)[1]), _bits(grad_s))
+    finally:
+        torch.set_num_threads(threads)
+    assert kernels.channel_divide_backward(grad, out, s, True, False)[1] is None
+    assert kernels.channel_divide_backward(grad.t() if grad.dim() == 2 else grad.transpose(0, 1), out, s, True, True) is None
 
 
 def _status_in_subprocess(tmp_path, **env) -> str:

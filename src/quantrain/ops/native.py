@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "Plan",
+    "channel_divide_backward",
     "channel_min_max",
     "fake_quantize_with_mask",
     "masked_grad",
@@ -254,6 +255,37 @@ def observe_fake_quantize(
     return out, bits
 
 
+def channel_divide_backward(
+    grad: Tensor, out: Tensor, s: Tensor, need_y: bool, need_s: bool
+) -> tuple[Tensor | None, Tensor | None] | None:
+    """The gradients of ``out = y / s`` (``s``: one value per index of dim 1 of ``y``, shaped to broadcast) from the
+    quotient ``out``, in one pass: ``grad / s`` (as PyTorch divides) and ``-sum(grad * out) / s`` per channel (summed
+    in double precision, in a fixed order: a few units in the last place from PyTorch's float32 reduction, and the
+    same for any number of threads); ``None`` where this path does not apply."""
+    if not (_plain_f32(grad) and _plain_f32(out) and _plain_f32(s)) or grad.shape != out.shape or grad.dim() < 2:
+        return None
+    channels = grad.shape[1]
+    if s.numel() != channels or s.shape != (1, channels) + (1,) * (grad.dim() - 2) or grad.numel() == 0:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    grad_y = torch.empty_like(grad) if need_y else None
+    grad_s = torch.empty_like(s) if need_s else None
+    lib.quantrain_channel_divide_backward(
+        grad.data_ptr(),
+        out.data_ptr(),
+        s.data_ptr(),
+        None if grad_y is None else grad_y.data_ptr(),
+        None if grad_s is None else grad_s.data_ptr(),
+        grad.shape[0],
+        channels,
+        grad.numel() // (grad.shape[0] * channels),
+        torch.get_num_threads(),
+    )
+    return grad_y, grad_s
+
+
 def channel_min_max(x: Tensor, axis: int) -> tuple[Tensor, Tensor] | None:
     """Minimum and maximum of ``x`` over every dim but ``axis`` (one pass; a NaN wins, as in ``amin``/``amax``),
     each of ``x.shape[axis]`` values; ``None`` where this path does not apply."""
@@ -317,6 +349,8 @@ def _library() -> ctypes.CDLL | None:
     lib.quantrain_channel_min_max.restype = None
     lib.quantrain_masked_grad.argtypes = [_F32P] * 3 + [_I64, _INT]
     lib.quantrain_masked_grad.restype = None
+    lib.quantrain_channel_divide_backward.argtypes = [_F32P] * 5 + [_I64] * 3 + [_INT]
+    lib.quantrain_channel_divide_backward.restype = None
     lib.quantrain_observe_fake_quant.argtypes = [_F32P] * 3 + [_I64] * 3 + [ctypes.POINTER(Plan)] + [_F32P] * 7 + [_INT]
     lib.quantrain_observe_fake_quant.restype = None
     _reason = f"loaded: {path}"

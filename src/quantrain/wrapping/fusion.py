@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from quantrain.distributed import synced_batch_norm, world_size
+from quantrain.ops import native
 from quantrain.ops.fake_quant import clamp_with_mask
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
 
@@ -238,7 +239,8 @@ class _ChannelDivide(torch.autograd.Function):
     """``y / s`` for a per-channel ``s``, keeping only the quotient for backward (batch norm keeps it too).
 
     ``d(y/s)/dy = 1/s`` and ``d(y/s)/ds = -(y/s)/s``, so the gradient of ``s`` is ``-sum(g * out) / s``: one
-    product and a reduction, where autograd's division would also keep ``y`` and form ``-g * y / s^2``.
+    product and a reduction, where autograd's division would also keep ``y`` and form ``-g * y / s^2``. On plain
+    float32 CPU tensors both gradients come from one native pass (:func:`quantrain.ops.native.channel_divide_backward`).
     """
 
     @staticmethod
@@ -251,6 +253,9 @@ class _ChannelDivide(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         out, s = ctx.saved_tensors
+        fused = native.channel_divide_backward(grad, out, s, *ctx.needs_input_grad[:2])
+        if fused is not None:  # one pass (the sum in double precision, see there)
+            return fused
         grad_y = grad / s if ctx.needs_input_grad[0] else None
         grad_s = -(grad * out).sum_to_size(s.shape) / s if ctx.needs_input_grad[1] else None
         return grad_y, grad_s

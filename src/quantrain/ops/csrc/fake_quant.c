@@ -322,3 +322,31 @@ void quantrain_observe_fake_quant(const float *x, float *out, uint8_t *bits, int
     }
     if (nonfinite && left_out) *nonfinite += 1;
 }
+
+/* ---- the folded batch norm's division ------------------------------------------------------------------------ */
+
+/* Backward of out = y / s with one s per channel of y viewed as (outer, channels, inner): grad_y = grad / s (what
+ * PyTorch's division gives) and grad_s = -sum(grad * out) / s per channel, the products summed in double precision
+ * in a fixed order (so the result does not depend on the number of threads; PyTorch's float32 reduction rounds
+ * differently, within a few units in the last place). grad_y NULL: not wanted. */
+void quantrain_channel_divide_backward(const float *grad, const float *out, const float *s, float *grad_y,
+                                       float *grad_s, int64_t outer, int64_t channels, int64_t inner, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (outer * channels * inner > PARALLEL_GRAIN)
+    for (int64_t c = 0; c < channels; c++) {
+        const float sc = s[c];
+        double total = 0.0;
+        for (int64_t o = 0; o < outer; o++) {
+            const int64_t start = (o * channels + c) * inner;
+            const float *g = grad + start, *q = out + start;
+            float partial[LANES] = {0};
+            int64_t i = 0;
+            for (; i + LANES <= inner; i += LANES)
+                for (int j = 0; j < LANES; j++) partial[j] += g[i + j] * q[i + j];
+            for (int j = 0; j < LANES; j++) total += partial[j];
+            for (; i < inner; i++) total += g[i] * q[i];
+            if (grad_y)
+                for (int64_t k = 0; k < inner; k++) grad_y[start + k] = g[k] / sc;
+        }
+        if (grad_s) grad_s[c] = -(float)total / sc;
+    }
+}
