@@ -1,9 +1,17 @@
-"""Native CPU kernels: fake quantization and its straight-through mask in one pass, and per-channel ranges.
+"""Native CPU kernels for the QAT hot path, with the same numbers as the PyTorch operations they replace.
 
 PyTorch has no CPU kernel that computes quantrain's fake quantization in one pass (its own fused kernels multiply by
 ``1 / scale`` and test the rounded value for the mask, so they give other numbers), and the operation-by-operation
-path reads and writes each tensor about seven times. ``csrc/fake_quant.c`` does it in one pass, with the same float32
-operations in the same order, so both paths give identical bits (tested).
+path reads and writes each tensor about seven times. ``csrc/fake_quant.c`` does, with the same float32 operations in
+the same order, so both paths give identical bits (tested):
+
+* :func:`observe_fake_quantize`: a whole quantizer step (range, NaN screening, moving average, scale and zero point
+  written into the quantizer's buffers, fake quantization with its mask) in one call;
+* :func:`fake_quantize_with_mask`: the fake quantization alone (optionally after a fused ReLU/ReLU6 clamp);
+* :func:`masked_grad`: the straight-through backward; masks are packed one bit per element (:func:`unpack_mask`);
+* :func:`channel_min_max`: per-channel ranges in one pass;
+* :func:`channel_divide_backward`: the backward of a folded BatchNorm's division (its per-channel sum in double
+  precision: the one result that is close to, not identical with, PyTorch's float32 reduction).
 
 The C source is compiled on first use with the system's C compiler, as ``torch.compile`` compiles its CPU kernels,
 into a cache directory (``$QUANTRAIN_CACHE_DIR``, else ``$XDG_CACHE_HOME/quantrain``, else ``~/.cache/quantrain``),

@@ -142,7 +142,7 @@ class Fusion(nn.Module):
         bn = self.bn
         quantize_weight, quantize_bias = _parameter_quantizers(module)
         factor = fold_factor(bn)
-        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+        safe = torch.where(factor == 0, 1.0, factor)
         weight = quantize_weight(module.weight * safe.reshape(_channel_shape(module.weight.dim(), 0)))
         y = module.float_forward({"weight": weight, "bias": None}, *args, **kwargs)
         shape = _channel_shape(y.dim(), 1)
