@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -144,3 +145,17 @@ def test_other_cases_keep_the_pytorch_path(kernels, monkeypatch):
     fq.train()
     fq(torch.randn(4, 5))
     assert len(used) == 1
+
+
+def test_copies_and_pickles_rebuild_the_kernel_settings(kernels):
+    fq = FakeQuantizer(SETTINGS["uint8-affine"], activation=True)
+    fq.enable_fake_quant(True)
+    for x in _batches((4, 5), count=3):
+        fq(x)
+    assert len(fq._native_plans) == 1
+    copies = (copy.deepcopy(fq), pickle.loads(pickle.dumps(fq)))
+    x = torch.randn(4, 5)
+    want = fq(x)
+    for other in copies:
+        assert other._native_plans == {}
+        assert torch.equal(other(x), want) and len(other._native_plans) == 1

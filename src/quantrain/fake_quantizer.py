@@ -285,6 +285,10 @@ class FakeQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_mirrors()
 
+    def __getstate__(self):
+        # the native kernels' settings are rebuilt on first use: no private C struct layout in pickles or copies
+        return {**super().__getstate__(), "_native_plans": {}}
+
     def extra_repr(self) -> str:
         s = self.settings
         return f"{s.dtype.name}, {s.scheme.value}, granularity={s.granularity.spec!r}"
