@@ -65,7 +65,7 @@ def main() -> None:
             test_accuracy = accuracy(model, x_test.to(device), y_test.to(device))
             print(f"epoch {epoch + 1}: loss {loss.item():.4f}, test accuracy {test_accuracy:.2f}%")
 
-    same = ranks_agree(quantizer.get_calibration_config(), device)
+    same, sent = ranks_agree(quantizer.get_calibration_config(), device)
     if rank == 0:
         print(f"optimizer steps: {quantizer.current_step}; ranks hold identical scales and zero points: {same}")
         if args.out is not None:
@@ -73,11 +73,16 @@ def main() -> None:
             torch.save(model.state_dict(), args.out / "model.pt")
             save_calibration_config(quantizer.get_calibration_config(), args.out / "calibration.json")
             print(f"saved {args.out / 'model.pt'} and {args.out / 'calibration.json'}")
+    # DDP lets go of the process group first, so that destroying the group (which joins gloo's worker threads) runs
+    # inside destroy_process_group rather than in DDP's destructor, which holds the GIL: a worker thread freeing a
+    # tensor that was sent through the group may need the GIL, and the two would wait for each other at exit.
+    del ddp
     dist.destroy_process_group()
+    del sent
 
 
-def ranks_agree(calibration_config: dict, device: torch.device) -> bool:
-    """Whether every rank's scales and zero points equal rank 0's, bit for bit."""
+def ranks_agree(calibration_config: dict, device: torch.device) -> tuple[bool, list[torch.Tensor]]:
+    """Whether every rank's scales and zero points equal rank 0's, bit for bit; and the tensors it sent."""
     values = torch.cat(
         [
             entry[key].reshape(-1)
@@ -90,7 +95,7 @@ def ranks_agree(calibration_config: dict, device: torch.device) -> bool:
     dist.broadcast(reference, 0)
     differs = torch.tensor([float(not torch.equal(values, reference))], device=device)
     dist.all_reduce(differs)
-    return differs.item() == 0
+    return differs.item() == 0, [reference, differs]
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ False
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import weakref
 from collections.abc import Callable, Sequence
@@ -96,7 +97,15 @@ def all_reduce_range(current_min: Tensor, current_max: Tensor, group: dist.Proce
     n = current_min.numel()
     packed = torch.cat([current_min.reshape(-1).neg(), current_max.reshape(-1)])
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    _SENT.append(packed)
     return packed[:n].neg().reshape(current_min.shape), packed[n:].reshape(current_max.shape)
+
+
+_SENT: collections.deque[Tensor] = collections.deque(maxlen=8)
+"""The last tensors quantrain passed to a collective, kept referenced from Python: gloo's worker thread may release
+its own reference after the call returned, and if that were the last one it would need the GIL to free the Python
+object, which deadlocks a process whose main thread is joining that thread at exit (PyTorch's ProcessGroupGloo
+destructor holds the GIL)."""
 
 
 def check_same_layout(lines: Sequence[str], group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
