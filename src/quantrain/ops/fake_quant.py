@@ -49,25 +49,6 @@ __all__ = [
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
-def _quantize_dequantize_with_mask(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor | None,
-    qmin: int,
-    qmax: int,
-    clamp: tuple[float, float | None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax``; with
-    ``clamp=(lo, hi)``, of ``clamp(x, lo, hi)``, the mask also requiring ``lo < x < hi``.
-
-    One pass of the native kernel where it applies (:mod:`quantrain.ops.native`; the mask then packed one bit per
-    element, as uint8), else PyTorch operations (a bool mask)."""
-    fused = native.fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
-    if fused is not None:
-        return fused
-    return torch_quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
-
-
 def torch_quantize_dequantize_with_mask(
     x: Tensor,
     scale: Tensor,
@@ -76,7 +57,10 @@ def torch_quantize_dequantize_with_mask(
     qmax: int,
     clamp: tuple[float, float | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_quantize_dequantize_with_mask` in PyTorch operations only (any dtype and device; traceable)."""
+    """The forward of the module docstring and its straight-through mask ``qmin <= t <= qmax`` (bool), in PyTorch
+    operations (any dtype and device; traceable); with ``clamp=(lo, hi)``, of ``clamp(x, lo, hi)``, the mask also
+    requiring ``lo < x < hi``. The native kernel computes the same in one pass, its mask packed one bit per element
+    (:func:`quantrain.ops.native.fake_quantize_with_mask`)."""
     gate = None
     if clamp is not None:
         gate = clamp_gate(x, *clamp)
@@ -115,7 +99,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, clamp) -> Tensor:
-        out, mask = _quantize_dequantize_with_mask(x, scale, zero_point, qmin, qmax, clamp)
+        args = (x, scale, zero_point, qmin, qmax, clamp)
+        out, mask = native.fake_quantize_with_mask(*args) or torch_quantize_dequantize_with_mask(*args)
         ctx.save_for_backward(mask)
         return out
 
