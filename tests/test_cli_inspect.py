@@ -65,10 +65,20 @@ def exported(tmp_path_factory):
         optimizer.step()
     folder = tmp_path_factory.mktemp("inspect")
     path = folder / "model.onnx"
-    export_onnx(model, torch.randn(1, 1, 8, 8), path)
+    export_onnx(model, torch.randn(1, 1, 8, 8), path, weight_dtype="int8")  # as stored on any machine
+    export_onnx(model, torch.randn(1, 1, 8, 8), folder / "unsigned.onnx", weight_dtype="uint8")
     calibration = quantizer.get_calibration_config()
     save_calibration_config(calibration, folder / "calibration.json")
     return model, calibration, path, folder / "calibration.json"
+
+
+def test_weights_stored_as_uint8_show_as_such_with_the_same_scales(exported):
+    path = exported[2]
+    signed, unsigned = summarize_file(path), summarize_file(path.with_name("unsigned.onnx"))
+    conv, conv_u8 = _layer(signed, "features.0"), _layer(unsigned, "features.0")
+    assert (conv_u8.dtype, conv_u8.bits, conv_u8.scheme) == ("uint8", 8, "symmetric")
+    assert conv_u8.zero_point_min == conv_u8.zero_point_max == 128
+    assert (conv_u8.scale_min, conv_u8.scale_max, conv_u8.channels) == (conv.scale_min, conv.scale_max, conv.channels)
 
 
 def _layer(summary: OnnxSummary, module: str):

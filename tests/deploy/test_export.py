@@ -12,6 +12,7 @@ from quantrain import QATQuantizer, check_parity, export_onnx
 from quantrain.config.presets import deployable_config_list
 from quantrain.demo import build_model, load_digits
 from quantrain.deploy.export import propagate_quantization
+from quantrain.deploy.runtime import u8s8_saturates
 
 
 def _config(weight_bits=8, activation_dtype="uint8"):
@@ -78,7 +79,11 @@ def test_the_file_is_a_valid_qdq_model_with_int8_weights(exported):
     }
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = [{**constants, **initializers}[n.input[0]] for n in weight_dqs]
-    assert all(w.dtype == np.int8 and w.min() >= -127 for w in weights)
+    if report.weight_dtype == "int8":
+        assert all(w.dtype == np.int8 and w.min() >= -127 for w in weights)
+    else:  # this CPU's int8-weight kernels saturate: the same values stored as q + 128 (see the tests below)
+        assert report.weight_dtype == "uint8" and u8s8_saturates()
+        assert all(w.dtype == np.uint8 and w.min() >= 1 for w in weights)
     read = {name for node in model.graph.node for name in node.input}
     assert set(initializers) <= read and set(constants) <= read  # the folded-away float weights and BN are gone
     assert not any(w.dtype == np.float32 and w.ndim > 1 for w in initializers.values())
@@ -286,3 +291,74 @@ def test_a_batchnorm_not_folded_in_training_is_folded_exactly_at_export(tmp_path
     parity = check_parity(model, tmp_path / "bn.onnx", torch.randn(64, 2, 6, 6)).outputs[0]
     assert parity.top1_agreement == 1.0 and parity.max_diff_in_steps <= 1.0 + 1e-4
     assert type(model[1]) is nn.BatchNorm2d  # the user's model is untouched
+
+
+# ---- how weights are stored: int8, or the same values as uint8 ------------------------------------------------
+
+
+def _weights_and_zero_points(path):
+    graph = onnx.load(str(path)).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values.update((n.output[0], numpy_helper.to_array(n.attribute[0].t)) for n in graph.node if n.op_type == "Constant")
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values]
+    return [(values[n.input[0]], values[n.input[2]]) for n in dqs]
+
+
+def test_uint8_weights_are_the_int8_values_shifted_and_run_the_same(trained, digits, tmp_path):
+    model, _ = trained
+    x = digits[2][:64]
+    signed = export_onnx(model, x[:2], tmp_path / "s8.onnx", weight_dtype="int8")
+    unsigned = export_onnx(model, x[:2], tmp_path / "u8.onnx", weight_dtype="uint8")
+    assert (signed.weight_dtype, unsigned.weight_dtype) == ("int8", "uint8") and signed.notes == unsigned.notes == []
+    pairs = list(zip(_weights_and_zero_points(tmp_path / "s8.onnx"), _weights_and_zero_points(tmp_path / "u8.onnx"), strict=True))
+    assert len(pairs) == 4
+    for (q8, z8), (u8, zu8) in pairs:
+        assert q8.dtype == z8.dtype == np.int8 and u8.dtype == zu8.dtype == np.uint8
+        assert np.array_equal(u8.astype(np.int32) - 128, q8) and np.array_equal(zu8.astype(np.int32) - 128, z8)
+    # ONNX's own reference semantics (no integer kernels): both files compute the same numbers
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    runs = [ort.InferenceSession(str(tmp_path / f), options, providers=["CPUExecutionProvider"]) for f in ("s8.onnx", "u8.onnx")]
+    first, second = (run.run(None, {"input_0": x.numpy()})[0] for run in runs)
+    assert np.array_equal(first, second)
+    # with the integer kernels, the uint8 file agrees with the trained model within one step on every CPU
+    report = check_parity(model, tmp_path / "u8.onnx", digits[2])
+    assert report.outputs[0].max_diff_in_steps <= 1.0 + 1e-4 and report.notes == ()
+    assert "QLinearConv" in _optimized_node_types(tmp_path / "u8.onnx", tmp_path)
+
+
+def test_parity_explains_int8_weight_saturation_where_this_cpu_has_it(trained, digits, tmp_path):
+    model, _ = trained
+    export_onnx(model, digits[2][:2], tmp_path / "s8.onnx", weight_dtype="int8")
+    report = check_parity(model, tmp_path / "s8.onnx", digits[2])
+    if u8s8_saturates():
+        (note,) = report.notes
+        assert "saturation" in note and "/0/weight/DequantizeLinear" in note and "weight_dtype='uint8'" in note
+        assert f"note: {note}" in str(report)
+    else:  # VNNI or ARM: int8 weights are exact, and nothing needs explaining
+        assert report.notes == () and report.outputs[0].max_diff_in_steps <= 1.0 + 1e-4
+
+
+def test_the_saturation_probe_matches_the_arithmetic_of_a_real_layer(tmp_path):
+    """A one-layer model whose exact int8 result needs more than 16 bits per pair of products."""
+    model = nn.Sequential(nn.Linear(64, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    config = [
+        {
+            "op_types": ["Linear"],
+            "target_names": ["_input_", "weight", "_output_"],
+            "quant_dtype": "uint8",
+            "quant_scheme": "affine",
+            "target_settings": {"weight": {"quant_dtype": "int8", "quant_scheme": "symmetric"}},
+        }
+    ]
+    QATQuantizer(model, config)
+    x = torch.ones(4, 64)
+    model(x)
+    model(torch.zeros(4, 64))  # the input range (0, 1): x quantizes to 255, the weights to 127
+    export_onnx(model, x, tmp_path / "s8.onnx", weight_dtype="int8")
+    (out,) = ort.InferenceSession(str(tmp_path / "s8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_0": x.numpy()})
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    assert np.allclose(out, expected, atol=1e-6) != u8s8_saturates()

@@ -44,6 +44,7 @@ PROPAGATE_THROUGH = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Sq
 """Operators whose outputs stay on their input's quantization grid (ReLU too: real zero is always on the grid)."""
 REQUANTIZE_AFTER = frozenset({"AveragePool", "GlobalAveragePool"})
 """Operators whose outputs leave the grid; quantized again with their input's parameters (not trained)."""
+WEIGHT_DTYPES = ("auto", "int8", "uint8")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ExportReport:
     path: str
     quantized_layers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    weight_dtype: str = "int8"
+    """How signed weights are stored: ``'int8'``, or ``'uint8'`` (the same values shifted by 128, see export_onnx)."""
 
 
 def export_onnx(
@@ -64,14 +67,25 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    weight_dtype: str = "auto",
 ) -> ExportReport:
     """Write ``model`` (quantized by quantrain, calibrated) to ``path`` as a QDQ ONNX model; returns a report.
 
     ``example_inputs``: a tensor or a tuple of tensors, used to trace the model. The batch dimension is dynamic
     unless ``dynamic_batch=False``. Raises ``ValueError`` naming the target when something has no scale.
+
+    ``weight_dtype``: how signed weights are stored. ``"int8"`` (what ONNX Runtime's own quantizer writes) is
+    fastest on CPUs with VNNI and on ARM; ``"uint8"`` stores the same values as ``q + 128`` with zero point
+    ``z + 128``, which ONNX Runtime also computes exactly on x86 CPUs without VNNI, where its int8-weight kernels
+    saturate (see :func:`quantrain.deploy.runtime.u8s8_saturates`), at some cost in speed. ``"auto"`` (the
+    default) picks ``"uint8"`` where this machine's ONNX Runtime saturates and some weight uses more than 7 bits,
+    ``"int8"`` otherwise, so the file computes what was trained on the machine that exports it;
+    ``report.weight_dtype`` says which.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise TypeError("example_inputs must be a tensor or a tuple of tensors")
@@ -123,6 +137,13 @@ def export_onnx(
                 f"{node.name or node.op_type}: its averages are quantized again with its input's scale "
                 "(training left them in float), so ONNX Runtime can keep integer kernels after it"
             )
+    if weight_dtype == "auto":
+        from quantrain.deploy.runtime import u8s8_saturates
+
+        weight_dtype = "uint8" if wide_int8_weights(graph_model.graph) and u8s8_saturates() else "int8"
+    if weight_dtype == "uint8" and store_weights_unsigned(graph_model.graph):
+        prune_unused(graph_model.graph)
+    report.weight_dtype = weight_dtype
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
     return report
@@ -216,8 +237,8 @@ def fold_constants(model: onnx.ModelProto) -> int:
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     kept, folded = [], 0
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.output) == 1 and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        if _constant_value(node) is not None:
+            constants[node.output[0]] = _constant_value(node)
         foldable = node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")
         if foldable and node.input and all(name in constants or name == "" for name in node.input):
             inputs = [
@@ -237,6 +258,50 @@ def fold_constants(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return folded
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node holding a tensor (``None`` for any other node)."""
+    if node.op_type == "Constant" and len(node.output) == 1 and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def wide_int8_weights(graph: onnx.GraphProto) -> list[str]:
+    """The int8 weight DequantizeLinear nodes whose values go beyond [-64, 63], by node name: the layers whose
+    products can saturate in ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    constants.update((node.output[0], _constant_value(node)) for node in graph.node if _constant_value(node) is not None)
+    wide = []
+    for node in graph.node:
+        q = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if q is not None and q.dtype == np.int8 and q.size and (q.min() < -64 or q.max() > 63):
+            wide.append(node.name or node.input[0])
+    return wide
+
+
+def store_weights_unsigned(graph: onnx.GraphProto) -> int:
+    """Rewrite each int8 weight ``DequantizeLinear(q, scale, z)`` as ``DequantizeLinear(q + 128, scale, z + 128)`` in
+    uint8: the same values (``(q + 128) - (z + 128) = q - z``), which ONNX Runtime's uint8 x uint8 kernels compute
+    without the 16-bit saturation of its uint8 x int8 ones on x86 CPUs lacking VNNI. Returns how many it rewrote."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    constants.update((node.output[0], _constant_value(node)) for node in graph.node if _constant_value(node) is not None)
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        q, zero_point = constants.get(node.input[0]), constants.get(node.input[2])
+        if q is None or zero_point is None or q.dtype != np.int8 or zero_point.dtype != np.int8:
+            continue
+        for index, value in ((0, q), (2, zero_point)):
+            name = f"{node.input[index]}_uint8"
+            if name not in constants:
+                shifted = (value.astype(np.int16) + 128).astype(np.uint8)
+                graph.initializer.append(numpy_helper.from_array(shifted, name))
+                constants[name] = shifted
+            node.input[index] = name
+        rewritten += 1
+    return rewritten
 
 
 def prune_unused(graph: onnx.GraphProto) -> int:

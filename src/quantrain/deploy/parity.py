@@ -43,6 +43,8 @@ class LayerParity:
 class ParityReport:
     outputs: tuple[OutputParity, ...]
     layers: tuple[LayerParity, ...] = ()
+    notes: tuple[str, ...] = ()
+    """What may explain a difference: e.g. this CPU's ONNX Runtime saturating int8-weight products."""
 
     def __str__(self) -> str:
         lines = ["output | top-1 agreement | max |diff| | in quantization steps | SQNR dB"]
@@ -53,6 +55,7 @@ class ParityReport:
         if self.layers:
             lines += ["", "layer | max |diff| in quantization steps | SQNR dB"]
             lines += [f"{layer.label} | {layer.max_diff_in_steps:.2f} | {layer.sqnr_db:.1f}" for layer in self.layers]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -74,7 +77,27 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: Any, *,
         _compare(arg.name, ref, out, step)
         for arg, ref, out, step in zip(session.get_outputs(), reference, produced, steps, strict=True)
     )
-    return ParityReport(outputs, _layers(model, onnx_path, inputs, feeds) if per_layer else ())
+    layers = _layers(model, onnx_path, inputs, feeds) if per_layer else ()
+    return ParityReport(outputs, layers, _notes(onnx_path))
+
+
+def _notes(onnx_path: str | os.PathLike) -> tuple[str, ...]:
+    """Why ONNX Runtime on this machine may differ from the trained model, for the model at ``onnx_path``."""
+    import onnx
+
+    from quantrain.deploy.export import wide_int8_weights
+    from quantrain.deploy.runtime import u8s8_saturates
+
+    wide = wide_int8_weights(onnx.load(str(onnx_path)).graph)
+    if not wide or not u8s8_saturates():
+        return ()
+    listed = ", ".join(wide[:4]) + (f" and {len(wide) - 4} more" if len(wide) > 4 else "")
+    return (
+        "ONNX Runtime on this CPU (x86 without VNNI) adds pairs of uint8 x int8 products in 16 bits with "
+        f"saturation, so layers whose int8 weights use more than 7 bits ({listed}) can differ from exact integer "
+        "arithmetic; export with weight_dtype='uint8' (exact here, somewhat slower) or train 7-bit weights. CPUs "
+        "with VNNI compute these weights exactly.",
+    )
 
 
 def _layers(model: nn.Module, onnx_path: str | os.PathLike, inputs: tuple, feeds: dict) -> tuple[LayerParity, ...]:
