@@ -169,9 +169,9 @@ def wrap_before_quantizing(rank: int, world: int, out: Path) -> dict:
     def training_func(model_, optimizers, step_fn, schedulers, max_steps, max_epochs):
         model_.train()
         for step in range(max_steps):
-            optimizers[0].zero_grad()
+            optimizers.zero_grad()
             step_fn(batch(step, rank, world), model_).backward()
-            optimizers[0].step()
+            optimizers.step()
 
     evaluator = TorchEvaluator(training_func, optimizer, training_step)
     quantizer = QATQuantizer(ddp, CONFIG, evaluator)

@@ -1,4 +1,7 @@
-"""TorchEvaluator and QATQuantizer.compress with the reference's calling convention."""
+"""TorchEvaluator and QATQuantizer.compress with NNI 3.0's calling convention: what training_func receives, what
+evaluate() returns, and the checks of the budget and the arguments."""
+
+import warnings
 
 import pytest
 import torch
@@ -7,6 +10,8 @@ from torch import nn
 
 from helpers import TwoLayer
 from quantrain import QATQuantizer, TorchEvaluator
+
+CONFIG = [{"op_types": ["Linear"]}]
 
 
 def _data(n=64, seed=0):
@@ -20,71 +25,197 @@ def training_step(batch, model):
     return {"loss": F.cross_entropy(model(x), y)}
 
 
-def make_training_func(calls):
+def nni_training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+    """Written as NNI's evaluator documentation writes it: one optimizer, one scheduler, used directly."""
+    total_epochs = max_epochs if max_epochs else 20
+    total_steps = max_steps if max_steps else 1000000
+    current_steps = 0
+    for _ in range(total_epochs):
+        for batch in _data():
+            optimizers.zero_grad()
+            loss = training_step(batch, model)["loss"]
+            loss.backward()
+            optimizers.step()
+            current_steps += 1
+            if current_steps >= total_steps:
+                return
+        if lr_schedulers is not None:
+            lr_schedulers.step()
+
+
+def recording(calls, body=nni_training_func):
     def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
         calls.append((model, optimizers, lr_schedulers, max_steps, max_epochs))
-        steps = 0
-        for _ in range(max_epochs or 100):
-            for batch in _data():
-                if max_steps is not None and steps >= max_steps:
-                    return
-                optimizers[0].zero_grad()
-                training_step(batch, model)["loss"].backward()
-                optimizers[0].step()
-                steps += 1
-            for scheduler in lr_schedulers or ():
-                scheduler.step()
+        body(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs)
 
     return training_func
 
 
-def test_compress_runs_the_training_func_with_the_reference_arguments():
+def test_a_single_optimizer_and_scheduler_reach_training_func_as_themselves():
     model = TwoLayer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
     calls = []
-    evaluator = TorchEvaluator(
-        make_training_func(calls), optimizer, training_step, scheduler, evaluating_func=lambda m: {"default": 1.0}
-    )
-    quantizer = QATQuantizer(model, [{"op_types": ["Linear"]}], evaluator, quant_start_step=3)
-    returned, config = quantizer.compress(max_steps=5)
+    evaluator = TorchEvaluator(recording(calls), optimizer, training_step, scheduler)
+    quantizer = QATQuantizer(model, CONFIG, evaluator, quant_start_step=3)
+    returned, config = quantizer.compress(max_steps=5, max_epochs=None)
     assert returned is model
-    assert calls == [(model, [optimizer], [scheduler], 5, None)]
+    assert calls == [(model, optimizer, scheduler, 5, None)]
+    assert calls[0][1] is optimizer and calls[0][2] is scheduler
     assert quantizer.current_step == 5
     assert set(config) == {"fc1", "fc2"} and set(config["fc1"]) == {"_input_0", "weight", "bias", "_output_0"}
-    assert evaluator.evaluate() == {"default": 1.0}
-    quantizer.compress(max_epochs=1)
+    quantizer.compress(max_steps=None, max_epochs=1)  # 8 batches, then one scheduler step
     assert quantizer.current_step == 13 and scheduler.get_last_lr() == [0.05]
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_a_list_or_tuple_of_optimizers_and_schedulers_reaches_training_func_as_given(container):
+    model = TwoLayer()
+    first = torch.optim.SGD(model.fc1.parameters(), lr=0.1)
+    second = torch.optim.SGD(model.fc2.parameters(), lr=0.1)
+    optimizers = container([first, second])
+    schedulers = container([torch.optim.lr_scheduler.StepLR(first, 1), torch.optim.lr_scheduler.StepLR(second, 1)])
+    seen = []
+
+    def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        seen.append((optimizers, lr_schedulers))
+        for batch in _data()[:max_steps]:
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            training_step(batch, model)["loss"].backward()
+            for optimizer in optimizers:
+                optimizer.step()
+
+    quantizer = QATQuantizer(model, CONFIG, TorchEvaluator(training_func, optimizers, training_step, schedulers))
+    quantizer.compress(max_steps=3)
+    assert seen == [(optimizers, schedulers)] and seen[0][0] is optimizers and seen[0][1] is schedulers
+    assert quantizer.current_step == 3  # the first optimizer's steps
+
+
+@pytest.mark.parametrize("schedulers", [None, [], ()])
+def test_no_scheduler_reaches_training_func_as_none(schedulers):
+    model = TwoLayer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    QATQuantizer(model, CONFIG, TorchEvaluator(recording(calls), optimizer, training_step, schedulers)).compress(2, None)
+    assert calls[0][1] is optimizer and calls[0][2] is None
+
+
+def test_reduce_lr_on_plateau_is_a_scheduler_too():
+    model = TwoLayer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    evaluator = TorchEvaluator(nni_training_func, optimizer, training_step, plateau)
+    assert evaluator.lr_schedulers == [plateau]
+
+
+def test_evaluate_returns_what_nni_returns():
+    model = TwoLayer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    evaluator = TorchEvaluator(nni_training_func, optimizer, training_step, evaluating_func=lambda m: 0.75)
+    QATQuantizer(model, CONFIG, evaluator)
+    assert evaluator.evaluate() == 0.75  # a float comes back as it is
+    evaluator.evaluating_func = lambda m: {"default": 0.5, "loss": 2.0}
+    assert evaluator.evaluate() == (0.5, {"default": 0.5, "loss": 2.0})  # a dict: (its 'default', the dict)
+    evaluator.evaluating_func = lambda m: {"accuracy": 0.5}
+    with pytest.warns(UserWarning, match="without 'default'"):
+        assert evaluator.evaluate() == (None, {"accuracy": 0.5})
 
 
 def test_qat_trains_to_good_accuracy_on_a_separable_problem():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    evaluator = TorchEvaluator(make_training_func([]), optimizer, training_step)
+    evaluator = TorchEvaluator(nni_training_func, optimizer, training_step)
     config = [{"op_types": ["Linear"], "quant_dtype": "int4", "quant_scheme": "affine"}]
-    QATQuantizer(model, config, evaluator).compress(max_epochs=20)
+    QATQuantizer(model, config, evaluator).compress(None, 20)
     model.eval()
-    batches = _data(seed=0)
-    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in _data(seed=0))
     assert correct / 64 > 0.9
+
+
+# ---- the budget ------------------------------------------------------------------------------------------------
+
+
+def _compress_with(body, max_steps=3, max_epochs=None):
+    model = TwoLayer()
+    evaluator = TorchEvaluator(body, torch.optim.SGD(model.parameters(), lr=0.1), training_step)
+    quantizer = QATQuantizer(model, CONFIG, evaluator)
+    quantizer.compress(max_steps, max_epochs)
+    return quantizer
+
+
+def test_a_training_func_that_ignores_max_steps_is_named_in_a_warning_and_its_training_kept():
+    def ignores_budget(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        for batch in _data():  # a whole epoch of 8 batches, whatever max_steps says
+            optimizers.zero_grad()
+            training_step(batch, model)["loss"].backward()
+            optimizers.step()
+
+    with pytest.warns(RuntimeWarning, match=r"training_func made 8 optimizer steps with optimizers, more than max_steps=3"):
+        quantizer = _compress_with(ignores_budget)
+    assert quantizer.current_step == 8  # nothing trained is lost
+
+
+def test_a_training_func_that_makes_no_step_is_named_in_a_warning():
+    def never_steps(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        training_step(_data()[0], model)
+
+    with pytest.warns(RuntimeWarning, match="training_func made no optimizer step"):
+        _compress_with(never_steps)
+
+
+def test_a_training_func_that_keeps_to_its_budget_raises_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _compress_with(nni_training_func).current_step == 3
+
+
+def test_a_subclass_step_calling_super_counts_once_for_the_budget():
+    class Stepping(torch.optim.SGD):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    model = TwoLayer()
+    evaluator = TorchEvaluator(nni_training_func, Stepping(model.parameters(), lr=0.1), training_step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QATQuantizer(model, CONFIG, evaluator).compress(4, None)
+
+
+def test_an_error_inside_training_func_carries_the_budget_it_was_given():
+    def epochs_only(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        for _ in range(max_epochs):  # max_epochs is None: compress() gave only max_steps
+            pass
+
+    with pytest.raises(TypeError) as raised:
+        _compress_with(epochs_only, max_steps=3)
+    notes = "".join(getattr(raised.value, "__notes__", []))
+    if hasattr(raised.value, "add_note"):
+        assert "max_steps=3, max_epochs=None" in notes
+
+
+# ---- bad arguments ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"training_func": None}, TypeError, "training_func"),
-        ({"training_step": 3}, TypeError, "training_step"),
-        ({"optimizers": []}, ValueError, "optimizers"),
-        ({"optimizers": ["sgd"]}, TypeError, "optimizers"),
-        ({"lr_schedulers": 1}, TypeError, "lr_schedulers"),
-        ({"evaluating_func": "f"}, TypeError, "evaluating_func"),
+        ({"training_func": None}, TypeError, "training_func must be callable"),
+        ({"training_step": 3}, TypeError, "training_step must be callable"),
+        ({"optimizers": None}, ValueError, "optimizers is empty"),
+        ({"optimizers": []}, ValueError, "optimizers is empty"),
+        ({"optimizers": ["sgd"]}, TypeError, r"optimizers\[0\] must be a torch.optim.Optimizer, got str"),
+        ({"optimizers": "sgd"}, TypeError, "optimizers must be a torch.optim.Optimizer or a list of them, got str"),
+        ({"lr_schedulers": 1}, TypeError, "lr_schedulers must be a torch.optim.lr_scheduler scheduler"),
+        ({"lr_schedulers": [None]}, TypeError, r"lr_schedulers\[0\] must be"),
+        ({"evaluating_func": "f"}, TypeError, "evaluating_func must be callable"),
     ],
 )
 def test_bad_evaluator_arguments(kwargs, error, match):
     model = TwoLayer()
     arguments = {
-        "training_func": make_training_func([]),
+        "training_func": nni_training_func,
         "optimizers": torch.optim.SGD(model.parameters(), lr=0.1),
         "training_step": training_step,
         **kwargs,
@@ -93,21 +224,36 @@ def test_bad_evaluator_arguments(kwargs, error, match):
         TorchEvaluator(**arguments)
 
 
+def test_a_scheduler_of_another_optimizer_is_refused_naming_it():
+    model = TwoLayer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stranger = torch.optim.SGD(TwoLayer().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"lr_schedulers \(StepLR\) schedules an optimizer that is not among optimizers"):
+        TorchEvaluator(nni_training_func, optimizer, training_step, torch.optim.lr_scheduler.StepLR(stranger, 1))
+    own = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    with pytest.raises(ValueError, match=r"lr_schedulers\[1\] \(ExponentialLR\)"):
+        TorchEvaluator(nni_training_func, optimizer, training_step, [own, torch.optim.lr_scheduler.ExponentialLR(stranger, 0.9)])
+
+
 def test_optimizer_of_another_model_is_refused_before_wrapping():
     model = TwoLayer()
-    evaluator = TorchEvaluator(make_training_func([]), torch.optim.SGD(TwoLayer().parameters(), lr=0.1), training_step)
-    with pytest.raises(ValueError, match="none of the model's parameters"):
-        QATQuantizer(model, [{"op_types": ["Linear"]}], evaluator)
+    evaluator = TorchEvaluator(nni_training_func, torch.optim.SGD(TwoLayer().parameters(), lr=0.1), training_step)
+    with pytest.raises(ValueError, match="optimizers updates none of the model's parameters"):
+        QATQuantizer(model, CONFIG, evaluator)
+    assert type(model.fc1) is nn.Linear
+    evaluator = TorchEvaluator(nni_training_func, [torch.optim.SGD(TwoLayer().parameters(), lr=0.1)], training_step)
+    with pytest.raises(ValueError, match=r"optimizers\[0\] updates none"):
+        QATQuantizer(model, CONFIG, evaluator)
     assert type(model.fc1) is nn.Linear
 
 
 def test_compress_argument_errors():
     model = TwoLayer()
     with pytest.raises(ValueError, match="evaluator"):
-        QATQuantizer(model, [{"op_types": ["Linear"]}]).compress(max_steps=1)
+        QATQuantizer(model, CONFIG).compress(max_steps=1)
     model = TwoLayer()
-    evaluator = TorchEvaluator(make_training_func([]), torch.optim.SGD(model.parameters(), lr=0.1), training_step)
-    quantizer = QATQuantizer(model, [{"op_types": ["Linear"]}], evaluator)
+    evaluator = TorchEvaluator(nni_training_func, torch.optim.SGD(model.parameters(), lr=0.1), training_step)
+    quantizer = QATQuantizer(model, CONFIG, evaluator)
     with pytest.raises(ValueError, match="max_steps or max_epochs"):
         quantizer.compress()
     with pytest.raises(ValueError, match="max_steps"):

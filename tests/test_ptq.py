@@ -189,7 +189,7 @@ def _user_state(model):
     }
 
 
-def _compress_through_a_loop(evaluate_in_eval_mode):
+def _compress_through_a_loop(evaluate_in_eval_mode, calibrate_only=True):
     """PTQ on Linear-BN-ReLU-Linear through a TorchEvaluator whose loop really trains (SGD lr=0.5, momentum)."""
     model = _bn_model()
     generator = torch.Generator().manual_seed(4)
@@ -209,9 +209,9 @@ def _compress_through_a_loop(evaluate_in_eval_mode):
         run["train"].append((max_steps, max_epochs))
         weight = model[0].weight.detach().clone()
         for batch in train_batches[:max_steps]:
-            optimizers[0].zero_grad()
+            optimizers.zero_grad()
             training_step(batch, model).backward()
-            optimizers[0].step()
+            optimizers.step()
         run["trained"] = not torch.equal(weight, model[0].weight)
         run["bn_batches"] = model[1].num_batches_tracked.item()
 
@@ -228,7 +228,7 @@ def _compress_through_a_loop(evaluate_in_eval_mode):
     optimizer.step()
     optimizer.zero_grad()
     evaluator = TorchEvaluator(training_func, optimizer, training_step, evaluating_func=evaluating_func)
-    ptq = PtqQuantizer(model, [{"op_types": ["Linear"]}], evaluator)
+    ptq = PtqQuantizer(model, [{"op_types": ["Linear"]}], evaluator, calibrate_only=calibrate_only)
     run["user_before"] = _user_state(model)
     run["optimizer_before"] = copy.deepcopy(optimizer.state_dict())
     assert run["optimizer_before"]["state"]  # momentum buffers exist
@@ -244,7 +244,7 @@ def _assert_user_state_unchanged(run):
         assert torch.equal(before[key], after[key]), key
 
 
-def test_compress_through_a_training_loop_calibrates_but_changes_nothing():
+def test_calibrate_only_runs_the_training_loop_as_a_data_feeder_and_changes_nothing():
     run = _compress_through_a_loop(evaluate_in_eval_mode=True)
     assert run["train"] == [(3, None)] and run["eval"] == 1
     assert run["trained"] and run["bn_batches"] == 1 + 3  # the loop really trained and moved BN
@@ -263,12 +263,34 @@ def test_compress_through_a_training_loop_calibrates_but_changes_nothing():
     assert torch.equal(entry["tracked_max"], torch.tensor(9.0))
     assert set(config) == {"0", "3"} and set(config["3"]) == {"_input_0", "weight", "bias", "_output_0"}
     assert run["ptq"].is_compressed
+    # the weight ranges are those of the restored weights, not of the weights the loop moved through
+    for name in ("0", "3"):
+        weight = model[int(name)].weight
+        assert torch.equal(config[name]["weight"]["tracked_min"], weight.min()), name
+        assert torch.equal(config[name]["weight"]["tracked_max"], weight.max()), name
+
+
+def test_by_default_the_training_loop_trains_as_in_nni_while_ranges_are_tracked():
+    run = _compress_through_a_loop(evaluate_in_eval_mode=True, calibrate_only=False)
+    assert run["train"] == [(3, None)] and run["eval"] == 1
+    assert run["trained"] and run["bn_batches"] == 1 + 3
+    before, after = run["user_before"], run["user_after"]
+    assert not torch.equal(before["0.weight"], after["0.weight"])  # the user's optimizer really stepped
+    assert after["1.num_batches_tracked"].item() == 1 + 3  # and BatchNorm kept its training statistics
+    config = run["config"]
+    assert torch.equal(config["0"]["_input_0"]["tracked_min"], torch.tensor(-5.0))
+    assert torch.equal(config["0"]["_input_0"]["tracked_max"], torch.tensor(9.0))
+    # weights are tracked on every forward, as NNI does: the extremes cover the final weights
+    weight = run["model"][0].weight
+    assert config["0"]["weight"]["tracked_min"] <= weight.min() and config["0"]["weight"]["tracked_max"] >= weight.max()
 
 
 def test_compress_leaves_batchnorm_statistics_even_if_evaluating_func_runs_in_training_mode():
     run = _compress_through_a_loop(evaluate_in_eval_mode=False)
     assert run["eval"] == 1 and torch.equal(run["config"]["0"]["_input_0"]["tracked_max"], torch.tensor(9.0))
     _assert_user_state_unchanged(run)
+    trained = _compress_through_a_loop(evaluate_in_eval_mode=False, calibrate_only=False)
+    assert trained["user_after"]["1.num_batches_tracked"].item() == 1 + 3  # the evaluation did not add a batch
 
 
 # ---- calibration_config -----------------------------------------------------------------------------------------
@@ -444,13 +466,13 @@ def test_from_compressor_defaults_to_the_ptq_evaluator_and_trains_with_it():
 
     def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
         for batch in BATCHES[:max_steps]:
-            optimizers[0].zero_grad()
+            optimizers.zero_grad()
             training_step(batch, model).backward()
-            optimizers[0].step()
+            optimizers.step()
             steps.append(max_steps)
 
     evaluator = TorchEvaluator(training_func, optimizer, training_step)
-    ptq = PtqQuantizer(model, IN_W_OUT, evaluator)
+    ptq = PtqQuantizer(model, IN_W_OUT, evaluator, calibrate_only=True)
     ptq.compress(max_steps=2)
     weight = model[0].weight.detach().clone()
     assert torch.equal(weight, WEIGHT)  # PTQ trained nothing

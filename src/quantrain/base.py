@@ -125,6 +125,58 @@ class Quantizer:
             check_wrappable(model, plans)
         return plans
 
+    _OPTIONS: tuple[str, ...] = ()
+    """The keyword options of a subclass's constructor that ``from_compressor`` accepts besides the shared ones."""
+
+    @staticmethod
+    def _check_options(*args: Any, **kwargs: Any) -> Any:
+        """Validate a subclass's own constructor options (raises as the constructor would)."""
+
+    @classmethod
+    def _continue_from(
+        cls, compressor: Quantizer, new_config_list: Any, evaluator: Evaluator | None, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
+        """``cls(model, new_config_list, evaluator, *args, **kwargs)`` on ``compressor``'s model, which it hands over.
+
+        Targets that keep the same settings carry their tracked ranges, scales and zero points over; ``evaluator``
+        and the shared options (``fuse``, ``integer_bias``, ``sync_ranges``, ``process_group``) default to the
+        earlier quantizer's. Everything is validated while the earlier quantizer still holds the model, so a bad
+        argument changes nothing.
+        """
+        if not isinstance(compressor, Quantizer):
+            raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
+        compressor._check_wrapped()
+        model = compressor.bound_model
+        evaluator = evaluator or compressor.evaluator
+        shared = {
+            "fuse": compressor.fuse,
+            "integer_bias": compressor.integer_bias,
+            "sync_ranges": compressor.range_sync.enabled,
+            "process_group": compressor.range_sync.group,
+        }
+        shared.update({key: kwargs.pop(key) for key in list(shared) if key in kwargs})
+        options = {key: kwargs.pop(key) for key in cls._OPTIONS if key in kwargs}
+        if kwargs:
+            raise TypeError(f"from_compressor() got unexpected arguments {sorted(kwargs)}")
+        cls._check_options(*args, **options)
+        cls._plan(model, new_config_list, evaluator, shared["fuse"], handover=True)
+        if evaluator is not None and evaluator is not compressor.evaluator:
+            evaluator.bind_model(model)
+        carried = {
+            (name, target): (fq.settings, fq.state_dict())
+            for name, module in compressor._modules.items()
+            for target, fq in module.fake_quant.items()
+        }
+        compressor.unwrap_model()
+        quantizer = cls(model, new_config_list, evaluator, *args, **shared, **options)
+        for name, module in quantizer._modules.items():
+            for target, fq in module.fake_quant.items():
+                settings, state = carried.get((name, target), (None, None))
+                if settings == fq.settings:
+                    keep = {k: v for k, v in state.items() if not k.endswith("_enabled")}
+                    fq.load_state_dict({**fq.state_dict(), **keep})
+        return quantizer
+
     def _connect_ranks(self, group: dist.ProcessGroup | None, enabled: bool) -> None:
         """Reduce activation ranges across ranks (see :mod:`quantrain.distributed`), and keep DistributedDataParallel
         from broadcasting quantrain's buffers, which the ranks keep identical themselves."""
@@ -248,9 +300,13 @@ class Quantizer:
     def track_forward(self, *args: Any, **kwargs: Any) -> None:
         """Run one no-grad forward that tracks ranges, whatever the model's mode, so every buffer has its shape.
 
+        Tensors among the inputs (in tuples, lists and dicts too) are moved to the model's device first, as NNI does.
         Under a process group of several ranks (with ``sync_ranges``) it reduces ranges across ranks, so every rank
         must call it together."""
         self._check_wrapped()
+        device = _device_of(self.bound_model)
+        if device is not None and not is_meta(device):
+            args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         with self._calibrating(), torch.no_grad():
             self.bound_model(*args, **kwargs)
         self.check_nonfinite()
@@ -494,6 +550,19 @@ def _device_of(model: nn.Module) -> torch.device | None:
     for tensor in model.buffers():
         return tensor.device
     return None
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_to_device(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

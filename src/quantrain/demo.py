@@ -234,7 +234,8 @@ StepCallback = Callable[[int, nn.Module], None]
 def _make_training_func(
     x: torch.Tensor, y: torch.Tensor, seed: int, progress: Callable[..., Iterator], on_step: StepCallback | None = None
 ) -> Callable:
-    """A ``training_func`` in the reference's convention that honours max_steps and max_epochs."""
+    """A ``training_func`` written as NNI's documentation writes one: it takes the single optimizer it is given and
+    stops after max_steps steps and/or max_epochs epochs."""
 
     def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
         generator = torch.Generator().manual_seed(seed)
@@ -248,17 +249,15 @@ def _make_training_func(
                 for batch in _batches(x, y, BATCH_SIZE, generator):
                     if max_steps is not None and step >= max_steps:
                         return
-                    for optimizer in optimizers:
-                        optimizer.zero_grad(set_to_none=True)
+                    optimizers.zero_grad(set_to_none=True)
                     training_step(batch, model).backward()
-                    for optimizer in optimizers:
-                        optimizer.step()
+                    optimizers.step()
                     step += 1
                     bar.update(1)
                     if on_step is not None:
                         on_step(step, model)
-                for scheduler in lr_schedulers or ():
-                    scheduler.step()
+                if lr_schedulers is not None:
+                    lr_schedulers.step()
 
     return training_func
 
@@ -336,7 +335,7 @@ def run_demo(
     float_optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     on_step = curves.phase("float", epochs, 0) if curves is not None else None
     train = _make_training_func(x_train, y_train, seed, lambda total: bar(total, "float"), on_step)
-    train(model, [float_optimizer], _training_step, None, None, epochs)
+    train(model, float_optimizer, _training_step, None, None, epochs)
     float_seconds = time.perf_counter() - start - evaluating()
     float_accuracy = accuracy(model, x_test, y_test)
 
@@ -346,7 +345,7 @@ def run_demo(
     if curves is not None:
         curves.point("float control", float_steps, control)
     control_train = _make_training_func(x_train, y_train, seed + 1, lambda total: bar(total, "float control"), on_step)
-    control_train(control, [torch.optim.Adam(control.parameters(), lr=5e-4)], _training_step, None, None, qat_epochs)
+    control_train(control, torch.optim.Adam(control.parameters(), lr=5e-4), _training_step, None, None, qat_epochs)
     control_seconds = time.perf_counter() - start - evaluating()
     control_accuracy = accuracy(control, x_test, y_test)
 

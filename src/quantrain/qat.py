@@ -137,54 +137,12 @@ class QATQuantizer(Quantizer):
         Targets that keep the same settings carry their tracked ranges, scales and zero points over; the earlier
         quantizer is unwrapped. ``evaluator``, ``fuse``, ``integer_bias``, ``sync_ranges`` and ``process_group``
         default to the earlier quantizer's (so a BatchNorm folded during calibration stays folded, and the folded
-        weights' ranges carry over to the same folded weights).
+        weights' ranges carry over to the same folded weights). The schedule options of the constructor
+        (``activation_start_step``, ``freeze_bn_step``, ``freeze_range_step``, ``weight_range``) are accepted too.
         """
-        if not isinstance(compressor, Quantizer):
-            raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
-        compressor._check_wrapped()
-        model = compressor.bound_model
-        evaluator = evaluator or compressor.evaluator
-        options = {
-            k: kwargs.pop(k)
-            for k in ("activation_start_step", "freeze_bn_step", "freeze_range_step", "weight_range")
-            if k in kwargs
-        }
-        fuse = kwargs.pop("fuse", compressor.fuse)
-        integer_bias = kwargs.pop("integer_bias", compressor.integer_bias)
-        sync_ranges = kwargs.pop("sync_ranges", compressor.range_sync.enabled)
-        process_group = kwargs.pop("process_group", compressor.range_sync.group)
-        if kwargs:
-            raise TypeError(f"from_compressor() got unexpected arguments {sorted(kwargs)}")
-        # Everything is validated while the earlier quantizer still holds the model, so a bad argument changes nothing.
-        cls._check_options(quant_start_step, **options)
-        cls._plan(model, new_config_list, evaluator, fuse, handover=True)
-        if evaluator is not None and evaluator is not compressor.evaluator:
-            evaluator.bind_model(model)
-        carried = {
-            (name, target): (fq.settings, fq.state_dict())
-            for name, module in compressor._modules.items()
-            for target, fq in module.fake_quant.items()
-        }
-        compressor.unwrap_model()
-        quantizer = cls(
-            model,
-            new_config_list,
-            evaluator,
-            quant_start_step,
-            fuse=fuse,
-            integer_bias=integer_bias,
-            sync_ranges=sync_ranges,
-            process_group=process_group,
-            **options,
-        )
+        return cls._continue_from(compressor, new_config_list, evaluator, (quant_start_step,), kwargs)
 
-        for name, module in quantizer._modules.items():
-            for target, fq in module.fake_quant.items():
-                settings, state = carried.get((name, target), (None, None))
-                if settings == fq.settings:
-                    keep = {k: v for k, v in state.items() if not k.endswith("_enabled")}
-                    fq.load_state_dict({**fq.state_dict(), **keep})
-        return quantizer
+    _OPTIONS = ("activation_start_step", "freeze_bn_step", "freeze_range_step", "weight_range")
 
     def _tracking(self, kind: TargetKind) -> RangeTracking:
         return WEIGHT_RANGES[self.weight_range] if kind is TargetKind.PARAMETER else RangeTracking.MOVING_AVERAGE

@@ -127,9 +127,67 @@ def test_compress_trains_through_the_trainer_and_continues():
     assert quantizer.current_step == trainer.global_step == 16
     assert evaluator.first_optimizer is trainer.optimizers[0] and evaluator.first_optimizer is not stale
 
-    score = evaluator.evaluate()
-    assert set(score) == {"default"}
-    assert score["default"] == pytest.approx(accuracy(model, data.val_set))
+    score, results = evaluator.evaluate()
+    assert [set(result) for result in results] == [{"default"}]
+    assert score == pytest.approx(accuracy(model, data.val_set)) == pytest.approx(results[0]["default"])
+
+
+# Steps one compress() trains, by NNI's rule (a fresh trainer per call: a compress limit replaces the trainer's, a
+# limit not given keeps the trainer's own; Lightning's default is 1000 epochs when neither limit is set). Epochs
+# have 8 batches. Columns: the trainer's own (max_steps, max_epochs); compress's (max_steps, max_epochs); steps.
+BUDGETS = [
+    ({}, (5, None), 5),
+    ({}, (None, 1), 8),
+    ({}, (None, 2), 16),
+    ({}, (5, 1), 5),
+    ({}, (12, 1), 8),
+    ({"max_steps": 5}, (3, None), 3),
+    ({"max_steps": 5}, (20, None), 20),
+    ({"max_steps": 5}, (None, 1), 5),
+    ({"max_steps": 5}, (None, 2), 5),
+    ({"max_steps": 5}, (12, 1), 8),
+    ({"max_steps": 12}, (None, 1), 8),
+    ({"max_epochs": 2}, (5, None), 5),
+    ({"max_epochs": 2}, (20, None), 16),
+    ({"max_epochs": 2}, (None, 1), 8),
+    ({"max_epochs": 2}, (12, 1), 8),
+    ({"max_steps": 5, "max_epochs": 2}, (12, None), 12),
+    ({"max_steps": 5, "max_epochs": 2}, (None, 1), 5),
+    ({"max_steps": 20, "max_epochs": 2}, (None, 1), 8),
+    ({"max_steps": 20, "max_epochs": 1}, (30, None), 8),
+    ({"max_steps": 5, "max_epochs": 2}, (3, 1), 3),
+]
+
+
+@pytest.mark.parametrize("own, budget, steps", BUDGETS)
+def test_each_compress_trains_the_steps_nni_would(own, budget, steps):
+    model = Classifier()
+    trainer = make_trainer(**own)
+    quantizer = QATQuantizer(model, CONFIG, LightningEvaluator(trainer, Data()))
+    quantizer.compress(*budget)
+    assert quantizer.current_step == trainer.global_step == model.batches_seen == steps
+    loop = trainer.fit_loop
+    assert (loop.epoch_loop.max_steps, loop.max_epochs) == (own.get("max_steps", -1), own.get("max_epochs"))
+    quantizer.compress(*budget)  # the same budget again: NNI's fresh trainer trains as many steps again
+    assert quantizer.current_step == trainer.global_step == 2 * steps
+
+
+def test_no_sanity_validation_runs_before_the_fit_as_in_nni():
+    model = Classifier()
+    validated = []
+    model.validation_step = lambda batch, batch_idx: validated.append(batch_idx)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        check_val_every_n_epoch=100,
+    )
+    assert trainer.num_sanity_val_steps == 2
+    QATQuantizer(model, CONFIG, LightningEvaluator(trainer, Data())).compress(3, None)
+    assert validated == [] and trainer.num_sanity_val_steps == 2
 
 
 def test_fake_quantization_starts_at_quant_start_step():
@@ -153,29 +211,29 @@ def test_fake_quantization_starts_at_quant_start_step():
     assert not torch.allclose(model(x), float_forward(model, x), atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "val_metrics, expected",
-    [(("loss", "default"), {"loss", "default"}), (("acc",), float), (("acc", "loss"), ValueError)],
-)
-def test_evaluate_follows_nni_convention(val_metrics, expected):
+@pytest.mark.parametrize("val_metrics", [("loss", "default"), ("default",)])
+def test_evaluate_returns_nni_metric_and_results(val_metrics):
     model, data = Classifier(val_metrics), Data()
     evaluator = LightningEvaluator(make_trainer(), data)
     evaluator.bind_model(model)
-    if expected is ValueError:
-        with pytest.raises(ValueError, match=r"validate returned \['acc', 'loss'\]; log the metric to optimize as 'default'"):
-            evaluator.evaluate()
-        return
-    score = evaluator.evaluate()
-    if expected is float:
-        assert isinstance(score, float) and score == pytest.approx(accuracy(model, data.val_set))
-    else:
-        assert set(score) == expected and score["default"] == pytest.approx(accuracy(model, data.val_set))
+    score, results = evaluator.evaluate()
+    assert score == pytest.approx(accuracy(model, data.val_set))
+    assert len(results) == 1 and set(results[0]) == set(val_metrics)
+
+
+def test_evaluate_without_a_default_metric_warns_and_returns_none_as_nni():
+    model, data = Classifier(("acc", "loss")), Data()
+    evaluator = LightningEvaluator(make_trainer(), data)
+    evaluator.bind_model(model)
+    with pytest.warns(UserWarning, match="trainer.validate logged no 'default' metric"):
+        score, results = evaluator.evaluate()
+    assert score is None and set(results[0]) == {"acc", "loss"}
 
 
 def test_evaluate_tests_when_the_model_defines_test_step():
     evaluator = LightningEvaluator(make_trainer(), Data())
     evaluator.bind_model(WithTestStep())
-    assert evaluator.evaluate() == {"default": 0.25}
+    assert evaluator.evaluate() == (0.25, [{"default": 0.25}])
 
 
 def test_accepts_the_standalone_pytorch_lightning_package():

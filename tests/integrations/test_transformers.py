@@ -141,7 +141,7 @@ def test_compress_quantizes_and_trains_every_linear(tmp_path):
     assert torch.allclose(quantized, float_logits, atol=0.5)  # ... and only perturbed the output
 
 
-def test_repeated_compress_continues_with_epoch_budgets_and_restores_args(tmp_path):
+def test_repeated_compress_continues_and_restores_args(tmp_path):
     model = tiny_bert()
     trainer = make_trainer(tmp_path, model, train_size=8, num_train_epochs=7)  # batch 4: 2 steps an epoch
     quantizer = quantrain.QATQuantizer(model, CONFIG_LIST, evaluator=TransformersEvaluator(trainer))
@@ -151,14 +151,43 @@ def test_repeated_compress_continues_with_epoch_budgets_and_restores_args(tmp_pa
     optimizer = trainer.optimizer.optimizer
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert quantizer.evaluator.first_optimizer is optimizer
-    quantizer.compress(max_steps=100, max_epochs=1)  # whichever comes first
+    quantizer.compress(max_steps=3, max_epochs=1)  # as in NNI and the Trainer: a positive max_steps wins
 
-    assert quantizer.current_step == 4
-    assert trainer.state.global_step == 2  # each compress() is a new trainer.train() run
+    assert quantizer.current_step == 5
+    assert trainer.state.global_step == 3  # each compress() is a new trainer.train() run
     assert trainer.optimizer.optimizer is optimizer  # the optimizer (and its state) carries over
     assert trainer.args.max_steps == -1
     assert trainer.args.num_train_epochs == 7
     assert not any(isinstance(cb, QuantizationTrainerCallback) for cb in trainer.callback_handler.callbacks)
+
+
+# Steps one compress() trains, by NNI's rule (args.max_steps / num_train_epochs set where compress gives them, the
+# arguments' own otherwise; the Trainer lets a positive max_steps override the epochs). 16 samples, batch 4: 4 steps
+# an epoch; TrainingArguments' own default is 3 epochs. Columns: own arguments; compress (max_steps, max_epochs); steps.
+BUDGETS = [
+    ({}, (5, None), 5),
+    ({}, (None, 1), 4),
+    ({}, (None, 2), 8),
+    ({}, (6, 1), 6),
+    ({"max_steps": 3}, (None, 1), 3),
+    ({"max_steps": 3}, (None, 2), 3),
+    ({"max_steps": 3}, (5, None), 5),
+    ({"num_train_epochs": 2}, (None, 1), 4),
+    ({"num_train_epochs": 2}, (6, None), 6),
+    ({"max_steps": 3, "num_train_epochs": 2}, (None, 1), 3),
+    ({"max_steps": 3, "num_train_epochs": 2}, (2, 1), 2),
+]
+
+
+@pytest.mark.parametrize("own, budget, steps", BUDGETS)
+def test_each_compress_trains_the_steps_nni_would(tmp_path, own, budget, steps):
+    model = tiny_bert()
+    trainer = make_trainer(tmp_path, model, **own)
+    saved = trainer.args.max_steps, trainer.args.num_train_epochs
+    quantizer = quantrain.QATQuantizer(model, CONFIG_LIST, evaluator=TransformersEvaluator(trainer))
+    quantizer.compress(*budget)
+    assert quantizer.current_step == trainer.state.global_step == steps
+    assert (trainer.args.max_steps, trainer.args.num_train_epochs) == saved
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
@@ -174,21 +203,24 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert quantizer.current_step == trainer.state.global_step
 
 
-def test_evaluate_returns_default_metric(tmp_path):
+def test_evaluate_returns_nni_metric_and_metrics(tmp_path):
     model = tiny_bert()
     trainer = make_trainer(tmp_path, model)
     evaluator = TransformersEvaluator(trainer, dummy_input=token_dataset(1)[0]["input_ids"][None])
     quantrain.QATQuantizer(model, CONFIG_LIST, evaluator=evaluator)
 
-    result = evaluator.evaluate()
-    assert result["default"] == result["eval_loss"]
-    assert math.isfinite(result["default"])
+    with pytest.warns(UserWarning, match="no 'default'"):
+        metric, metrics = evaluator.evaluate()  # only a loss: no metric to report, as in NNI
+    assert metric is None and math.isfinite(metrics["eval_loss"])
 
     trainer.compute_metrics = lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
     trainer.args.metric_for_best_model = "accuracy"
-    result = evaluator.evaluate()
-    assert result["default"] == result["eval_accuracy"]
-    assert 0.0 <= result["default"] <= 1.0
+    metric, metrics = evaluator.evaluate()
+    assert metric == metrics["eval_accuracy"] and 0.0 <= metric <= 1.0
+
+    trainer.compute_metrics = lambda p: {"default": 0.25, "accuracy": 0.5}  # the Trainer reports it as eval_default
+    metric, metrics = evaluator.evaluate()
+    assert metric == metrics["eval_default"] == 0.25
 
 
 def test_evaluator_argument_errors(tmp_path):

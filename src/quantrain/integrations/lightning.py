@@ -12,7 +12,7 @@ through ``compress``::
     quantizer = QATQuantizer(model, config_list, evaluator, quant_start_step=100)  # model: a LightningModule
     model, calibration_config = quantizer.compress(max_steps=1000)
     model, calibration_config = quantizer.compress(max_steps=500)  # continues: 1500 optimizer steps in all
-    score = evaluator.evaluate()                             # the metric the model logs as 'default'
+    score, results = evaluator.evaluate()                    # the mean of what the model logs as 'default'
 
 :class:`QuantizationCallback` is for a ``Trainer`` you drive yourself::
 
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from quantrain.base import LINK_ATTRIBUTE, Quantizer
-from quantrain.evaluator import Evaluator
+from quantrain.evaluator import Evaluator, nni_metric
 
 __all__ = ["LightningEvaluator", "QuantizationCallback"]  # noqa: F822 (QuantizationCallback comes from __getattr__)
 
@@ -211,11 +211,14 @@ class LightningEvaluator(Evaluator):
     ``LightningEvaluator``).
 
     The quantizer's model must be the ``LightningModule`` itself. Each ``compress(max_steps, max_epochs)`` calls
-    ``trainer.fit(model, datamodule=data_module)`` once, for ``max_steps`` more optimizer steps and/or
-    ``max_epochs`` more epochs: the budget is added to where the trainer stands, so repeated calls continue the
-    training (a limit not given is unlimited), and the trainer's own ``max_steps``/``max_epochs`` are restored
-    afterwards. Steps are counted as :class:`QuantizationCallback` counts them (it is added for the fit): the
-    first optimizer's steps, which follow ``trainer.global_step``. Every fit builds its optimizers anew from
+    ``trainer.fit(model, datamodule=data_module)`` once, with NNI's budget rule: a limit given to ``compress``
+    replaces the trainer's, and a limit not given leaves the trainer's own in force, so ``Trainer(max_steps=5)``
+    with ``compress(None, 1)`` trains 5 steps (at most one epoch), as NNI does. Both limits count from where the
+    trainer stands: repeated calls continue the training, each for its own budget, as NNI's fresh trainer per
+    call would (:func:`fit_budget` gives the numbers). The trainer's own ``max_steps``/``max_epochs`` are
+    restored afterwards, and no sanity validation runs before the fit (NNI sets ``num_sanity_val_steps=0``).
+    Steps are counted as :class:`QuantizationCallback` counts them (it is added for the fit): the first
+    optimizer's steps, which follow ``trainer.global_step``. Every fit builds its optimizers anew from
     ``configure_optimizers`` (their state, e.g. Adam's moments, starts over), as with NNI.
 
     Args:
@@ -257,32 +260,46 @@ class LightningEvaluator(Evaluator):
         return _torch_optimizer(optimizers[0]) if optimizers else None
 
     def train(self, max_steps: int | None = None, max_epochs: int | None = None) -> None:
+        """One ``trainer.fit`` for ``max_steps`` steps and/or ``max_epochs`` epochs; a limit not given is the
+        trainer's own (NNI's rule), and both count from where the trainer stands (see the class docstring)."""
         model = self._bound_model()
         quantizer = _linked_quantizer(model)
         callbacks = [] if quantizer is None else [_callback_class(self._package)(quantizer, log_step=False)]
-        loop = self.trainer.fit_loop
-        saved = loop.epoch_loop.max_steps, loop.max_epochs
-        if max_steps is not None or max_epochs is not None:
-            loop.epoch_loop.max_steps = -1 if max_steps is None else self.trainer.global_step + max_steps
-            loop.max_epochs = -1 if max_epochs is None else self.trainer.current_epoch + max_epochs
-        self.trainer.callbacks.extend(callbacks)
+        trainer = self.trainer
+        loop = trainer.fit_loop
+        saved = loop.epoch_loop.max_steps, loop.max_epochs, trainer.num_sanity_val_steps
+        steps, epochs = fit_budget(max_steps, max_epochs, saved[0], saved[1])
+        loop.epoch_loop.max_steps = -1 if steps == -1 else trainer.global_step + steps
+        loop.max_epochs = -1 if epochs == -1 else trainer.current_epoch + epochs
+        trainer.num_sanity_val_steps = 0  # as NNI: no validation batches before training (they would feed PTQ ranges)
+        trainer.callbacks.extend(callbacks)
         try:
-            self.trainer.fit(model, datamodule=self.data_module)
+            trainer.fit(model, datamodule=self.data_module)
         finally:
-            loop.epoch_loop.max_steps, loop.max_epochs = saved
-            self.trainer.callbacks[:] = [c for c in self.trainer.callbacks if all(c is not added for added in callbacks)]
+            loop.epoch_loop.max_steps, loop.max_epochs, trainer.num_sanity_val_steps = saved
+            trainer.callbacks[:] = [c for c in trainer.callbacks if all(c is not added for added in callbacks)]
 
-    def evaluate(self) -> float | dict[str, float]:
-        """Run ``trainer.test`` if the model defines ``test_step`` (as NNI does), else ``trainer.validate``.
+    def evaluate(self) -> tuple[float | None, list[dict[str, float]]]:
+        """Run ``trainer.test`` (as NNI does), or ``trainer.validate`` when the model has no ``test_step``.
 
-        Returns the metrics as a dict when the model logs one as ``'default'`` (several dataloaders: their mean),
-        else the single metric it logs as a float.
+        Returns NNI's ``(metric, results)``: ``results`` is the list of metric dicts the trainer returned, one per
+        dataloader, and ``metric`` the mean of their ``'default'`` values (``None``, with a warning, when the model
+        logs no ``'default'``).
         """
         model = self._bound_model()
         defines_test = type(model).test_step is not self._package.LightningModule.test_step
         run = self.trainer.test if defines_test else self.trainer.validate
         results = run(model, datamodule=self.data_module, verbose=False)
-        return _nni_metric(results, "trainer.test" if defines_test else "trainer.validate")
+        source = "trainer.test" if defines_test else "trainer.validate"
+        return nni_metric(_default_metric(results), results, f"LightningEvaluator: {source} logged no {DEFAULT_METRIC!r} metric")
+
+    @property
+    def can_evaluate(self) -> bool:
+        model = self.model
+        if model is None:
+            return True
+        base = self._package.LightningModule
+        return type(model).test_step is not base.test_step or type(model).validation_step is not base.validation_step
 
     def _bound_model(self) -> nn.Module:
         if self.model is None:
@@ -290,17 +307,31 @@ class LightningEvaluator(Evaluator):
         return self.model
 
 
-def _nni_metric(results: list[dict[str, Any]], source: str) -> float | dict[str, float]:
-    """NNI's convention: a dict with key ``'default'``, or a float."""
-    metrics = {key: float(value) for result in results for key, value in result.items()}
-    defaults = [value for key, value in metrics.items() if key.startswith(f"{DEFAULT_METRIC}/dataloader_idx_")]
-    if DEFAULT_METRIC not in metrics and defaults:
-        metrics[DEFAULT_METRIC] = sum(defaults) / len(defaults)
-    if DEFAULT_METRIC in metrics:
-        return metrics
-    if len(metrics) == 1:
-        return next(iter(metrics.values()))
-    raise ValueError(
-        f"LightningEvaluator: {source} returned {sorted(metrics) or 'no metrics'}; log the metric to optimize as "
-        f"{DEFAULT_METRIC!r} (self.log({DEFAULT_METRIC!r}, value)) or log exactly one metric"
-    )
+def fit_budget(max_steps: int | None, max_epochs: int | None, own_steps: int, own_epochs: int | None) -> tuple[int, int]:
+    """The steps and epochs one ``compress`` trains (-1: no limit), by NNI's rule: a limit given to ``compress``
+    replaces the trainer's, one not given leaves the trainer's own in force, and an epoch limit set nowhere is
+    Lightning's default (1000 epochs when no step limit is set either, else none).
+
+    >>> fit_budget(None, 1, own_steps=5, own_epochs=None)     # Trainer(max_steps=5), compress(None, 1)
+    (5, 1)
+    >>> fit_budget(50, None, own_steps=-1, own_epochs=None)   # Trainer(), compress(50, None)
+    (50, -1)
+    >>> fit_budget(None, 2, own_steps=-1, own_epochs=None)
+    (-1, 2)
+    """
+    steps = own_steps if max_steps is None else max_steps
+    epochs = own_epochs if max_epochs is None else max_epochs
+    if epochs is None:
+        epochs = 1000 if steps == -1 else -1
+    return steps, epochs
+
+
+def _default_metric(results: list[dict[str, Any]]) -> float | None:
+    """The mean of the ``'default'`` metrics (``default/dataloader_idx_N`` with several dataloaders)."""
+    values = [
+        float(value)
+        for result in results
+        for key, value in result.items()
+        if key == DEFAULT_METRIC or key.startswith(f"{DEFAULT_METRIC}/dataloader_idx_")
+    ]
+    return sum(values) / len(values) if values else None

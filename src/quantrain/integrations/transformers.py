@@ -7,7 +7,7 @@ Two ways in, both counting the quantizer's steps as the Trainer's optimizer step
       trainer = Trainer(model=model, args=TrainingArguments(...), train_dataset=..., eval_dataset=...)
       quantizer = QATQuantizer(model, config_list, evaluator=TransformersEvaluator(trainer))
       model, calibration_config = quantizer.compress(max_steps=1000)
-      metrics = quantizer.evaluator.evaluate()          # {"default": eval_loss, "eval_loss": ..., ...}
+      metric, metrics = quantizer.evaluator.evaluate()  # NNI's (metric, {"eval_loss": ..., ...})
 
 * :class:`QuantizationTrainerCallback`: keep calling ``trainer.train()`` yourself::
 
@@ -29,14 +29,11 @@ import torch
 from torch import nn
 
 from quantrain.base import LINK_ATTRIBUTE, Quantizer
-from quantrain.evaluator import Evaluator
+from quantrain.evaluator import Evaluator, nni_metric
 
 __all__ = ["QuantizationTrainerCallback", "TransformersEvaluator"]  # noqa: F822 (the callback is built on first use)
 
 INSTALL_HINT = "pip install 'quantrain[transformers]'"
-# Keys of trainer.evaluate()'s result that are bookkeeping, not metrics.
-BOOKKEEPING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
-BOOKKEEPING_KEYS = ("epoch",)
 
 
 def _import_transformers() -> Any:
@@ -77,12 +74,14 @@ class TransformersEvaluator(Evaluator):
     Build the Trainer on the float model first (its ``model`` must be the model given to the quantizer, or contain
     it), then give the evaluator to the quantizer.
 
-    Steps: ``compress(max_steps=N)`` runs ``trainer.train()`` once with ``args.max_steps = N`` (and/or
-    ``args.num_train_epochs = max_epochs``; with both, training stops at whichever comes first); the user's
-    ``max_steps`` and ``num_train_epochs`` are restored afterwards. One quantizer step is counted per optimizer step
-    of the Trainer, which is one ``state.global_step``: with ``gradient_accumulation_steps=k`` that is one step per
-    ``k`` micro-batches. An optimizer step that mixed precision skips (inf/NaN gradients) still counts, as it does
-    for the Trainer.
+    Steps, by NNI's rule: ``compress(max_steps, max_epochs)`` runs ``trainer.train()`` once with
+    ``args.max_steps = max_steps`` where given and ``args.num_train_epochs = max_epochs`` where given; a limit not
+    given leaves the argument's own value in force, and the Trainer's meaning applies (a positive ``max_steps``
+    overrides ``num_train_epochs``), so ``TrainingArguments(max_steps=3)`` with ``compress(None, 1)`` trains 3
+    steps, as NNI does. The user's ``max_steps`` and ``num_train_epochs`` are restored afterwards. One quantizer
+    step is counted per optimizer step of the Trainer, which is one ``state.global_step``: with
+    ``gradient_accumulation_steps=k`` that is one step per ``k`` micro-batches. An optimizer step that mixed
+    precision skips (inf/NaN gradients) still counts, as it does for the Trainer.
 
     Repeated ``compress()`` calls continue training: the quantizer's step count (and its schedule) carries on from
     where it stopped, as do the weights and the Trainer's optimizer with its state (e.g. Adam's moments). Each call is
@@ -125,13 +124,16 @@ class TransformersEvaluator(Evaluator):
         return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
     def train(self, max_steps: int | None = None, max_epochs: int | None = None) -> None:
+        """One ``trainer.train()`` with NNI's budget: ``args.max_steps = max_steps`` and/or ``args.num_train_epochs =
+        max_epochs`` where given, the arguments' own values otherwise (restored afterwards)."""
         if self.model is None:
             raise RuntimeError("TransformersEvaluator: no model bound; pass the evaluator to a quantizer first")
         _check_budget(max_steps, max_epochs)
-        callbacks = self._callbacks(max_epochs)
+        callbacks = self._callbacks()
         args = self.trainer.args
         saved = args.max_steps, args.num_train_epochs
-        args.max_steps = max_steps if max_steps is not None else -1
+        if max_steps is not None:
+            args.max_steps = max_steps
         if max_epochs is not None:
             args.num_train_epochs = max_epochs
         for callback in callbacks:
@@ -143,28 +145,34 @@ class TransformersEvaluator(Evaluator):
             for callback in callbacks:
                 self.trainer.remove_callback(callback)
 
-    def _callbacks(self, max_epochs: int | None) -> list:
-        callbacks: list = []
+    def _callbacks(self) -> list:
         quantizer = _quantizer_of(self.model)
         installed = self.trainer.callback_handler.callbacks
         if quantizer is not None and not any(getattr(cb, "quantizer", None) is quantizer for cb in installed):
-            callbacks.append(_callback_class()(quantizer))
-        if max_epochs is not None:
-            callbacks.append(_epoch_limit_class()(max_epochs))
-        return callbacks
+            return [_callback_class()(quantizer)]
+        return []
 
-    def evaluate(self) -> dict[str, float]:
-        """Run ``trainer.evaluate()`` and return its metrics with ``'default'`` added (NNI's convention).
+    @property
+    def can_evaluate(self) -> bool:
+        return self.trainer.eval_dataset is not None
 
-        ``'default'`` is the metric named by ``args.metric_for_best_model`` if set, else ``eval_loss`` if the
-        Trainer computed it (it does when the eval dataset has labels), else the first metric reported.
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
+        """Run ``trainer.evaluate()`` and return NNI's ``(metric, metrics)``.
+
+        ``metric`` is the one the evaluation reports as ``'default'`` (the Trainer prefixes it: ``'eval_default'``),
+        else the one ``args.metric_for_best_model`` names; ``None`` (with a warning, as in NNI) when neither exists.
         """
         if self.model is None:
             raise RuntimeError("TransformersEvaluator: no model bound; pass the evaluator to a quantizer first")
         if self.trainer.eval_dataset is None:
             raise ValueError("TransformersEvaluator: evaluate() needs the trainer to have an eval_dataset")
         metrics = dict(self.trainer.evaluate())
-        return {"default": _default_metric(metrics, self.trainer.args.metric_for_best_model), **metrics}
+        return nni_metric(
+            _default_metric(metrics, self.trainer.args.metric_for_best_model),
+            metrics,
+            "TransformersEvaluator: trainer.evaluate() reported no 'default' (or 'eval_default') metric and "
+            "args.metric_for_best_model is not set",
+        )
 
 
 def _check_budget(max_steps: Any, max_epochs: Any) -> None:
@@ -175,18 +183,16 @@ def _check_budget(max_steps: Any, max_epochs: Any) -> None:
             raise ValueError(f"TransformersEvaluator: {name} must be a positive int or None, got {value!r}")
 
 
-def _default_metric(metrics: dict[str, Any], metric_for_best_model: str | None) -> float:
+def _default_metric(metrics: dict[str, Any], metric_for_best_model: str | None) -> float | None:
+    for key in ("default", "eval_default"):
+        if key in metrics:
+            return float(metrics[key])
     if metric_for_best_model:
         key = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
         if key not in metrics:
             raise ValueError(f"TransformersEvaluator: metric_for_best_model {key!r} is not among the metrics {sorted(metrics)}")
         return float(metrics[key])
-    if "eval_loss" in metrics:
-        return float(metrics["eval_loss"])
-    for key, value in metrics.items():
-        if key not in BOOKKEEPING_KEYS and not key.endswith(BOOKKEEPING_SUFFIXES):
-            return float(value)
-    raise ValueError(f"TransformersEvaluator: trainer.evaluate() reported no metric, only {sorted(metrics)}")
+    return None
 
 
 class _QuantizationCallbackMixin:
@@ -244,22 +250,6 @@ class _QuantizationCallbackMixin:
         self._offset = None
 
 
-class _EpochLimitMixin:
-    """Stop training after ``max_epochs`` epochs even when ``args.max_steps`` would run longer."""
-
-    def __init__(self, max_epochs: int) -> None:
-        self.max_epochs = max_epochs
-        self.epochs = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.epochs = 0
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.epochs += 1
-        if self.epochs >= self.max_epochs:
-            control.should_training_stop = True
-
-
 _CLASSES: dict[str, type] = {}
 
 
@@ -274,10 +264,6 @@ def _with_trainer_callback(name: str, mixin: type) -> type:
 
 def _callback_class() -> type:
     return _with_trainer_callback("QuantizationTrainerCallback", _QuantizationCallbackMixin)
-
-
-def _epoch_limit_class() -> type:
-    return _with_trainer_callback("_EpochLimitCallback", _EpochLimitMixin)
 
 
 def __getattr__(name: str) -> Any:

@@ -80,6 +80,12 @@ class QuantizedModule(DerivedModule):
             fusion.record(output)
         return output
 
+    def quantize_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with every quantized input fake-quantized, as :meth:`forward` passes them on."""
+        if not self._quant_inputs:
+            return args, kwargs
+        return _quantize_inputs(self.fake_quant, self._quant_inputs, args, kwargs)
+
     def quantized_parameters(self) -> dict[str, Tensor]:
         """Each quantized parameter fake-quantized, and the bias on the integer grid where that is enabled."""
         params = {name: self.fake_quant[name](self._parameters[name]) for name in self._quant_params}
