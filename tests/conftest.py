@@ -10,3 +10,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    """Say what this machine's integer kernels do: on x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernels
+    saturate, and the deploy tests' exports store weights as uint8 (quantrain.deploy.runtime)."""
+    try:
+        from quantrain.deploy.runtime import u8s8_saturates
+
+        saturates = u8s8_saturates()
+    except ImportError as error:
+        return f"quantrain: ONNX Runtime not importable ({error})"
+    if saturates:
+        return "quantrain: ONNX Runtime's uint8 x int8 kernels saturate on this CPU (no VNNI): exports store weights as uint8"
+    return "quantrain: ONNX Runtime's uint8 x int8 kernels are exact on this CPU"
