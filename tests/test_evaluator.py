@@ -101,6 +101,22 @@ def test_no_scheduler_reaches_training_func_as_none(schedulers):
     assert calls[0][1] is optimizer and calls[0][2] is None
 
 
+def test_nni_accessors_and_the_counted_optimizer():
+    model = TwoLayer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    dummy = torch.randn(2, 4)
+    evaluator = TorchEvaluator(nni_training_func, optimizer, training_step, dummy_input=dummy)
+    assert evaluator.get_dummy_input() is dummy
+    quantizer = QATQuantizer(model, CONFIG, evaluator)
+    F.cross_entropy(model(dummy), torch.tensor([0, 1])).backward()
+    other.step()  # another optimizer on the same model: not the evaluator's, so not counted
+    assert quantizer.current_step == 0
+    optimizer.step()
+    assert quantizer.current_step == 1
+    evaluator.bind_model(model, {"fc1.weight": "fc1.weight"})  # NNI's param_names_map: accepted, nothing to rename
+
+
 def test_reduce_lr_on_plateau_is_a_scheduler_too():
     model = TwoLayer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -258,5 +274,5 @@ def test_compress_argument_errors():
         quantizer.compress()
     with pytest.raises(ValueError, match="max_steps"):
         quantizer.compress(max_steps=0)
-    with pytest.raises(ValueError, match="evaluating_func"):
-        evaluator.evaluate()
+    with pytest.warns(UserWarning, match="no evaluating_func was given, so evaluate\\(\\) returns None"):
+        assert evaluator.evaluate() is None  # as NNI

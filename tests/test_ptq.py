@@ -488,3 +488,26 @@ def test_from_compressor_defaults_to_the_ptq_evaluator_and_trains_with_it():
     ptq2.track_forward(BATCHES[0])
     replacement = TorchEvaluator(training_func, torch.optim.SGD(other_model.parameters(), lr=0.1), training_step)
     assert QATQuantizer.from_compressor(ptq2, IN_W_OUT, evaluator=replacement).evaluator is replacement
+
+
+def test_a_second_compress_calibrates_further_as_in_nni():
+    model, ptq = _calibrated()
+    _, first = ptq.compress()
+    assert ptq.is_bias_correction is False  # NNI's attribute name
+    assert torch.equal(first["0"]["_input_0"]["tracked_max"], torch.tensor(2.0))
+    ptq.track_forward(torch.tensor([[5.0, 0.0]]))  # observers are off after compress: nothing changes yet
+    assert torch.equal(ptq.get_calibration_config()["0"]["_input_0"]["tracked_max"], torch.tensor(2.0))
+    evaluator = TorchEvaluator(
+        lambda *args: None,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        lambda batch, model: model(batch).sum(),
+        evaluating_func=lambda m: float(m(torch.tensor([[4.0, -3.0]])).sum()),
+    )
+    ptq.evaluator = evaluator
+    evaluator.bind_model(model)
+    _, second = ptq.compress()  # the evaluation sees a wider input: the extremes grow and the scales follow
+    entry = second["0"]["_input_0"]
+    assert torch.equal(entry["tracked_min"], torch.tensor(-3.0)) and torch.equal(entry["tracked_max"], torch.tensor(4.0))
+    scale, zp = reference_qparams(torch.tensor(-3.0), torch.tensor(4.0), QMIN, QMAX, symmetric=False)
+    assert torch.equal(entry["scale"], scale) and torch.equal(entry["zero_point"], zp)
+    assert all(fq.fake_quant_enabled.item() and not fq.observer_enabled.item() for fq in ptq.fake_quantizers())

@@ -404,3 +404,47 @@ def test_a_model_whose_config_selected_nothing_cannot_be_quantized_twice_either(
     with pytest.raises(ValueError, match="already quantized"):
         QATQuantizer(model, [{"op_types": ["ReLU"]}])
     assert type(model[0]) is nn.ReLU
+
+
+# ---- NNI's accessors ---------------------------------------------------------------------------------------------
+
+
+def test_assigning_current_step_moves_the_schedule_as_nni_users_resume():
+    model = TwoLayer()
+    quantizer = QATQuantizer(model, [{"op_types": ["Linear"]}], quant_start_step=10)
+    fqs = list(quantizer.fake_quantizers())
+    assert not any(fq.fake_quant_enabled.item() for fq in fqs)
+    quantizer.current_step = 12
+    assert quantizer.current_step == 12 and model.get_buffer("quantrain_step").item() == 12
+    assert all(fq.fake_quant_enabled.item() for fq in fqs)
+    quantizer.current_step = 3
+    assert not any(fq.fake_quant_enabled.item() for fq in fqs)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="current_step must be a non-negative int"):
+            quantizer.current_step = bad
+    assert quantizer.current_step == 3
+
+
+def test_update_calibration_config_is_nni_name_for_set_calibration_config():
+    source, target = TwoLayer(), TwoLayer()
+    first = QATQuantizer(source, [{"op_types": ["Linear"]}])
+    source(torch.randn(8, 4))
+    second = QATQuantizer(target, [{"op_types": ["Linear"]}])
+    calibration = first.get_calibration_config()
+    assert second.update_calibration_config(calibration) is None
+    assert torch.equal(second.get_calibration_config()["fc1"]["weight"]["scale"], calibration["fc1"]["weight"]["scale"])
+    with pytest.raises(ValueError, match=r"calibration_config\['nope'\]"):
+        second.update_calibration_config({"nope": {"weight": calibration["fc1"]["weight"]}})
+
+
+def test_wrap_model_and_results_after_unwrapping_say_what_to_do():
+    model = TwoLayer()
+    quantizer = QATQuantizer(model, [{"op_types": ["Linear"]}])
+    assert quantizer.config_list == [{"op_types": ["Linear"]}]
+    with pytest.raises(RuntimeError, match="already wrapped"):
+        quantizer.wrap_model()
+    quantizer.unwrap_model()
+    with pytest.raises(RuntimeError, match="unwrap_model\\(\\) is final"):
+        quantizer.wrap_model()
+    with pytest.raises(RuntimeError, match="unwrapped"):
+        quantizer.get_calibration_config()  # NNI's would still read the wrappers; quantrain has none left

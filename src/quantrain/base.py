@@ -70,6 +70,7 @@ class Quantizer:
             evaluator.bind_model(trained)
         self.bound_model = model
         self.evaluator = evaluator
+        self.config_list = config_list
         self.fuse = fuse
         self.integer_bias = integer_bias
         self._current_step = 0
@@ -100,6 +101,8 @@ class Quantizer:
         self._pending = PendingState(model, list(self._owned_buffers())) if is_meta(device) else None
         # The model keeps its quantizer alive, so steps are counted even if the caller drops the quantizer object.
         model.__dict__[LINK_ATTRIBUTE] = _QuantizerLink(self)
+        if evaluator is not None and evaluator.first_optimizer is not None:
+            self.attach_optimizer(evaluator.first_optimizer)  # its steps are the ones counted, as in NNI
 
     @staticmethod
     def _plan(model: nn.Module, config_list: Any, evaluator: Any, fuse: Any, *, handover: bool = False) -> tuple[ModulePlan, ...]:
@@ -230,8 +233,16 @@ class Quantizer:
 
     @property
     def current_step(self) -> int:
-        """Optimizer steps counted so far."""
+        """Optimizer steps counted so far. Assigning it (as NNI users do to resume) moves the schedule there too."""
         return self._current_step
+
+    @current_step.setter
+    def current_step(self, step: int) -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"current_step must be a non-negative int, got {step!r}")
+        self._current_step = step
+        self.bound_model.get_buffer(STEP_BUFFER).fill_(step)
+        self._apply_schedule()
 
     def step(self) -> None:
         """Count one optimizer step (done automatically for the tracked optimizer)."""
@@ -355,7 +366,9 @@ class Quantizer:
 
     def get_calibration_config(self) -> CalibrationConfig:
         """``{module: {target: {scale, zero_point, quant_dtype, quant_scheme, quant_bits, tracked_min, tracked_max}}}``
-        for every target that has a scale (CPU tensors; zero_point as float)."""
+        for every target that has a scale (CPU tensors, copies; zero_point as float). A plain dict, where NNI returns a
+        ``defaultdict``, so that ``torch.load`` of a saved one works with its default ``weights_only=True``."""
+        self._check_wrapped()
         self._ensure_materialized()
         self.check_nonfinite()
         config: CalibrationConfig = {}
@@ -390,6 +403,10 @@ class Quantizer:
         covered = {id(fq) for fq, _ in planned}
         return [fq.label for fq in self.fake_quantizers() if id(fq) not in covered]
 
+    def update_calibration_config(self, calibration_config: CalibrationConfig) -> None:
+        """NNI's name for :meth:`set_calibration_config` (strict: every entry must name a quantized target)."""
+        self.set_calibration_config(calibration_config)
+
     def _target(self, module: str, target: str, strict: bool) -> FakeQuantizer | None:
         fake_quant = self._modules[module].fake_quant if module in self._modules else {}
         if target in fake_quant:
@@ -414,6 +431,17 @@ class Quantizer:
         self._pending = None
         self._unwrapped = True
         return self.bound_model
+
+    def wrap_model(self) -> None:
+        """NNI re-wraps a model after ``unwrap_model``; quantrain's quantizers stay attached until
+        :meth:`unwrap_model`, which is final (the state_dict keys never change, so nothing needs unwrapping to save
+        or load). Raises ``RuntimeError`` saying so."""
+        if getattr(self, "_unwrapped", False):
+            raise RuntimeError(
+                f"unwrap_model() is final in quantrain; create a new {type(self).__name__} on the model to quantize it "
+                "again (load the earlier state_dict into it to continue)"
+            )
+        raise RuntimeError("the model is already wrapped: quantrain attaches its quantizers when the quantizer is created")
 
     def _check_wrapped(self) -> None:
         if getattr(self, "_unwrapped", False):

@@ -55,9 +55,16 @@ class Evaluator:
     """Base class: something that can train and evaluate a bound model."""
 
     model: nn.Module | None = None
+    dummy_input: Any = None
 
-    def bind_model(self, model: nn.Module) -> None:
+    def bind_model(self, model: nn.Module, param_names_map: dict[str, str] | None = None) -> None:
+        """Bind the model to train and evaluate (``param_names_map`` is NNI's, for wrapped parameter names; quantrain
+        never renames parameters, so it is accepted and ignored)."""
         self.model = model
+
+    def get_dummy_input(self) -> Any:
+        """The example input given as ``dummy_input`` (NNI's accessor)."""
+        return self.dummy_input
 
     @property
     def first_optimizer(self) -> torch.optim.Optimizer | None:
@@ -130,7 +137,7 @@ class TorchEvaluator(Evaluator):
         self._given_schedulers = lr_schedulers if self.lr_schedulers else None
         self.dummy_input = dummy_input
 
-    def bind_model(self, model: nn.Module) -> None:
+    def bind_model(self, model: nn.Module, param_names_map: dict[str, str] | None = None) -> None:
         owned = {id(p) for p in model.parameters()}
         optimized = {id(p) for group in self.optimizers[0].param_groups for p in group["params"]}
         if not owned & optimized:
@@ -168,9 +175,10 @@ class TorchEvaluator(Evaluator):
 
     def evaluate(self) -> Any:
         """Run ``evaluating_func(model)``. As in NNI: a dict metric comes back as ``(metric['default'], metric)``,
-        anything else as it is."""
+        anything else as it is; without an ``evaluating_func``, ``None`` with a warning."""
         if self.evaluating_func is None:
-            raise ValueError("TorchEvaluator: evaluate() needs an evaluating_func; none was given to the evaluator")
+            warnings.warn("TorchEvaluator: no evaluating_func was given, so evaluate() returns None", stacklevel=2)
+            return None
         metric = self.evaluating_func(self._bound_model())
         if isinstance(metric, dict):
             return nni_metric(metric.get("default"), metric, "evaluating_func returned a dict without 'default'")

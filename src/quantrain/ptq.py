@@ -132,6 +132,11 @@ class PtqQuantizer(Quantizer):
         default to the earlier quantizer's, and ``bias_correction``/``calibrate_only`` may be given."""
         return cls._continue_from(compressor, new_config_list, evaluator, (), kwargs)
 
+    @property
+    def is_bias_correction(self) -> bool:
+        """NNI's name for :attr:`bias_correction`."""
+        return self.bias_correction
+
     def _options(self) -> str:
         return f"{super()._options()}, bias_correction={self.bias_correction}, calibrate_only={self.calibrate_only}"
 
@@ -147,8 +152,9 @@ class PtqQuantizer(Quantizer):
         """Calibrate through the evaluator (if given), then compute scales and zero points and quantize.
 
         With ``max_steps``/``max_epochs`` the evaluator's training loop runs for that budget (see the class
-        docstring); without them only its evaluation runs, after any :meth:`track_forward` calls.
-        Returns ``(model, calibration_config)``.
+        docstring); without them only its evaluation runs, after any :meth:`track_forward` calls. A later
+        ``compress`` calibrates further, as in NNI: the ranges widen from where they are and the scales are computed
+        again. Returns ``(model, calibration_config)``.
         """
         self._check_wrapped()
         check_budget(max_steps, max_epochs, required=False)
@@ -158,6 +164,10 @@ class PtqQuantizer(Quantizer):
                 "compress(max_steps, max_epochs) calibrates through an evaluator; pass evaluator=... or "
                 "calibrate with track_forward() and call compress() without arguments"
             )
+        if self.is_compressed:  # calibrate further, in float, from the ranges tracked so far
+            for fq in self.fake_quantizers():
+                fq.enable_observer(True)
+                fq.enable_fake_quant(False)
         evaluator = self.evaluator
         if evaluator is not None:
             with self._calibrating():

@@ -230,6 +230,14 @@ def test_evaluate_without_a_default_metric_warns_and_returns_none_as_nni():
     assert score is None and set(results[0]) == {"acc", "loss"}
 
 
+def test_get_dummy_input_falls_back_to_the_first_training_batch_as_nni():
+    data = Data()
+    x, y = LightningEvaluator(make_trainer(), data).get_dummy_input()
+    assert torch.equal(x, data.train_set.tensors[0][:8]) and torch.equal(y, data.train_set.tensors[1][:8])
+    dummy = torch.zeros(1, 4)
+    assert LightningEvaluator(make_trainer(), data, dummy_input=dummy).get_dummy_input() is dummy
+
+
 def test_evaluate_tests_when_the_model_defines_test_step():
     evaluator = LightningEvaluator(make_trainer(), Data())
     evaluator.bind_model(WithTestStep())

@@ -222,6 +222,12 @@ def test_evaluate_returns_nni_metric_and_metrics(tmp_path):
     metric, metrics = evaluator.evaluate()
     assert metric == metrics["eval_default"] == 0.25
 
+    trainer.compute_metrics = None
+    with pytest.warns(UserWarning, match="metric_for_best_model 'eval_accuracy' is not among the metrics"):
+        metric, metrics = evaluator.evaluate()
+    assert metric is None and "eval_loss" in metrics
+    assert evaluator.get_dummy_input() is evaluator.dummy_input
+
 
 def test_evaluator_argument_errors(tmp_path):
     with pytest.raises(TypeError, match=r"TransformersEvaluator: trainer must be a transformers\.Trainer, got Module"):

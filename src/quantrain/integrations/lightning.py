@@ -245,7 +245,7 @@ class LightningEvaluator(Evaluator):
     def _package(self) -> ModuleType:
         return importlib.import_module(self._package_name)
 
-    def bind_model(self, model: nn.Module) -> None:
+    def bind_model(self, model: nn.Module, param_names_map: dict[str, str] | None = None) -> None:
         if not isinstance(model, self._package.LightningModule):
             raise TypeError(
                 f"LightningEvaluator: model must be a {self._package.__name__}.LightningModule (quantize the "
@@ -292,6 +292,12 @@ class LightningEvaluator(Evaluator):
         results = run(model, datamodule=self.data_module, verbose=False)
         source = "trainer.test" if defines_test else "trainer.validate"
         return nni_metric(_default_metric(results), results, f"LightningEvaluator: {source} logged no {DEFAULT_METRIC!r} metric")
+
+    def get_dummy_input(self) -> Any:
+        """``dummy_input``, or else the first batch of the data module's training data (as NNI does)."""
+        if self.dummy_input is not None:
+            return self.dummy_input
+        return next(iter(self.data_module.train_dataloader()))
 
     @property
     def can_evaluate(self) -> bool:

@@ -106,7 +106,7 @@ class TransformersEvaluator(Evaluator):
         self.trainer = trainer
         self.dummy_input = dummy_input
 
-    def bind_model(self, model: nn.Module) -> None:
+    def bind_model(self, model: nn.Module, param_names_map: dict[str, str] | None = None) -> None:
         if not _contains(self.trainer.model, model):
             raise ValueError(
                 "TransformersEvaluator: trainer.model is not the model being quantized (nor contains it); "
@@ -189,9 +189,11 @@ def _default_metric(metrics: dict[str, Any], metric_for_best_model: str | None) 
             return float(metrics[key])
     if metric_for_best_model:
         key = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
-        if key not in metrics:
-            raise ValueError(f"TransformersEvaluator: metric_for_best_model {key!r} is not among the metrics {sorted(metrics)}")
-        return float(metrics[key])
+        if key in metrics:
+            return float(metrics[key])
+        warnings.warn(
+            f"TransformersEvaluator: metric_for_best_model {key!r} is not among the metrics {sorted(metrics)}", stacklevel=3
+        )
     return None
 
 
