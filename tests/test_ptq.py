@@ -511,3 +511,28 @@ def test_a_second_compress_calibrates_further_as_in_nni():
     scale, zp = reference_qparams(torch.tensor(-3.0), torch.tensor(4.0), QMIN, QMAX, symmetric=False)
     assert torch.equal(entry["scale"], scale) and torch.equal(entry["zero_point"], zp)
     assert all(fq.fake_quant_enabled.item() and not fq.observer_enabled.item() for fq in ptq.fake_quantizers())
+
+
+def test_from_compressor_keeps_the_earlier_targets_the_new_config_list_leaves_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    both = [
+        {"op_types": ["Conv2d"], "target_names": ["weight", "_output_"], "quant_dtype": "uint8", "quant_scheme": "affine",
+         "fuse_names": [("0", "1", "2")], "target_settings": {"weight": {"quant_dtype": "int4", "granularity": "out_channel"}}},
+        {"op_types": ["Linear"], "target_names": ["_input_", "weight"], "quant_dtype": "int8"},
+    ]
+    ptq = PtqQuantizer(model, both)
+    ptq.track_forward(torch.randn(8, 1, 6, 6))
+    _, calibration = ptq.compress()
+    qat = QATQuantizer.from_compressor(ptq, [{"op_types": ["Linear"], "target_names": ["weight"], "quant_dtype": "int4"}])
+    # the conv, its fold and the Linear's input keep the earlier settings and calibration; the Linear's weight is new
+    assert [f.group for f in qat.fusions()] == [("0", "1", "2")]
+    conv, linear = model[0].fake_quant, model[4].fake_quant
+    assert set(conv) == {"weight", "_output_0"} and set(linear) == {"weight", "_input_0"}
+    assert (conv["weight"].settings.dtype.name, conv["weight"].settings.granularity.spec) == ("int4", "out_channel")
+    assert linear["weight"].settings.dtype.name == "int4" and linear["_input_0"].settings.dtype.name == "int8"
+    for target in ("weight", "_output_0"):
+        assert torch.equal(conv[target].scale, calibration["0"][target]["scale"]), target
+    assert torch.equal(linear["_input_0"].scale, calibration["4"]["_input_0"]["scale"])
+    assert not linear["weight"].is_calibrated
+    assert len(qat.config_list) == 1 + 2  # the new entry, then one per module with kept targets

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -141,10 +142,11 @@ class Quantizer:
     ) -> Any:
         """``cls(model, new_config_list, evaluator, *args, **kwargs)`` on ``compressor``'s model, which it hands over.
 
-        Targets that keep the same settings carry their tracked ranges, scales and zero points over; ``evaluator``
-        and the shared options (``fuse``, ``integer_bias``, ``sync_ranges``, ``process_group``) default to the
-        earlier quantizer's. Everything is validated while the earlier quantizer still holds the model, so a bad
-        argument changes nothing.
+        As in NNI, the earlier quantizer's targets that ``new_config_list`` does not configure stay quantized, with
+        their settings (:func:`_kept_entries` appends them to the new config_list); targets with the same settings
+        carry their tracked ranges, scales and zero points over. ``evaluator`` and the shared options (``fuse``,
+        ``integer_bias``, ``sync_ranges``, ``process_group``) default to the earlier quantizer's. Everything is
+        validated while the earlier quantizer still holds the model, so a bad argument changes nothing.
         """
         if not isinstance(compressor, Quantizer):
             raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
@@ -162,7 +164,11 @@ class Quantizer:
         if kwargs:
             raise TypeError(f"from_compressor() got unexpected arguments {sorted(kwargs)}")
         cls._check_options(*args, **options)
-        cls._plan(model, new_config_list, evaluator, shared["fuse"], handover=True)
+        plans = cls._plan(model, new_config_list, evaluator, shared["fuse"], handover=True)
+        kept = _kept_entries(compressor, plans)
+        if kept:
+            new_config_list = [*new_config_list, *kept]
+            cls._plan(model, new_config_list, evaluator, shared["fuse"], handover=True)
         if evaluator is not None and evaluator is not compressor.evaluator:
             evaluator.bind_model(model)
         carried = {
@@ -367,8 +373,10 @@ class Quantizer:
     def get_calibration_config(self) -> CalibrationConfig:
         """``{module: {target: {scale, zero_point, quant_dtype, quant_scheme, quant_bits, tracked_min, tracked_max}}}``
         for every target that has a scale (CPU tensors, copies; zero_point as float). A plain dict, where NNI returns a
-        ``defaultdict``, so that ``torch.load`` of a saved one works with its default ``weights_only=True``."""
-        self._check_wrapped()
+        ``defaultdict``, so that ``torch.load`` of a saved one works with its default ``weights_only=True``. After
+        :meth:`unwrap_model`, the calibration held when the model was unwrapped."""
+        if getattr(self, "_unwrapped", False):
+            return copy.deepcopy(self._final_calibration)
         self._ensure_materialized()
         self.check_nonfinite()
         config: CalibrationConfig = {}
@@ -417,8 +425,12 @@ class Quantizer:
         return None
 
     def unwrap_model(self) -> nn.Module:
-        """Remove every quantizer: the model is its float self again, with the trained weights."""
+        """Remove every quantizer: the model is its float self again, with the trained weights.
+
+        :meth:`get_calibration_config` still returns the calibration the quantizer held at this point (NNI's reads
+        its wrappers after unwrapping, and NNI's examples rely on that)."""
         self._check_wrapped()
+        self._final_calibration = self.get_calibration_config() if self._pending is None else {}
         unwrap(self._modules)
         del self.bound_model._buffers[STEP_BUFFER]
         self.bound_model.__dict__.pop(LINK_ATTRIBUTE, None)
@@ -501,6 +513,31 @@ class Quantizer:
         for module in (*self.fake_quantizers(), *self.fusions()):
             module.load_state_dict(module.state_dict())
         self.bound_model.get_buffer(STEP_BUFFER).fill_(self._current_step)
+
+
+def _kept_entries(compressor: Quantizer, plans: tuple[ModulePlan, ...]) -> list[dict[str, Any]]:
+    """config_list entries, one per module, for ``compressor``'s targets that ``plans`` leave out, each with its
+    settings (and the module's ``fuse_names`` group where its folding would otherwise be lost)."""
+    configured = {(plan.name, target.name) for plan in plans for target in plan.targets}
+    fused = {plan.name for plan in plans if plan.fusion is not None}
+    entries = []
+    for name, module in compressor._modules.items():
+        kept = {target: fq.settings for target, fq in module.fake_quant.items() if (name, target) not in configured}
+        if not kept:
+            continue
+        entry: dict[str, Any] = {
+            "op_names": [name],
+            "target_names": list(kept),
+            "target_settings": {
+                target: {"quant_dtype": s.dtype.name, "quant_scheme": s.scheme.value, "granularity": s.granularity.spec}
+                for target, s in kept.items()
+            },
+        }
+        fusion = module._modules.get(FUSION_NAME)
+        if fusion is not None and name not in fused:
+            entry["fuse_names"] = [fusion.group]
+        entries.append(entry)
+    return entries
 
 
 def _checked_entry(fq: FakeQuantizer, entry: Any) -> dict[str, Any]:
