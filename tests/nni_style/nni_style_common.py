@@ -269,3 +269,33 @@ def ema(values: list[torch.Tensor], decay: float = 0.99) -> torch.Tensor:
     for value in values[1:]:
         average = average * decay + (1 - decay) * value
     return average
+
+
+def example_training_model(train_dataloader, calls=None, *, default_epochs=None, default_steps=None):
+    """The ``training_model`` of NNI's QAT example and quick-start tutorial (``calls``, when given, records what it
+    receives). Without a budget it trains one epoch; with only ``max_steps``, at most 100 epochs. NNI's test assets'
+    variant stops at ``default_epochs`` epochs and ``default_steps`` steps unless told otherwise."""
+
+    def training_model(model, optimizer, training_step, scheduler=None, max_steps=None, max_epochs=None):
+        if calls is not None:
+            calls.append((optimizer, scheduler, max_steps, max_epochs))
+        model.train()
+        if default_epochs is not None:
+            max_epochs = max_epochs if max_epochs else default_epochs
+            max_steps = max_steps if max_steps else default_steps
+        else:
+            max_epochs = max_epochs if max_epochs else 1 if max_steps is None else 100
+        current_steps = 0
+        for _ in range(max_epochs):
+            for batch in train_dataloader:
+                optimizer.zero_grad()
+                loss = training_step(batch, model)
+                loss.backward()
+                optimizer.step()
+                current_steps += 1
+                if max_steps and current_steps == max_steps:
+                    return
+            if scheduler is not None:
+                scheduler.step()
+
+    return training_model

@@ -20,6 +20,7 @@ from nni_style_common import (
     digits,
     digits_loaders,
     ema,
+    example_training_model,
     fake_quantize,
     make_evaluating_func,
     pretrained,
@@ -33,28 +34,6 @@ LAYERS = ("conv1", "conv2", "fc1", "fc2")
 IN_W_OUT = ("_input_0", "weight", "_output_0")
 
 
-def qat_example_training_model(train_dataloader):
-    """The ``training_model`` of NNI's QAT example: one epoch when no budget is given, else up to 100 epochs."""
-
-    def training_model(model, optimizer, training_step, scheduler=None, max_steps=None, max_epochs=None):
-        model.train()
-        max_epochs = max_epochs if max_epochs else 1 if max_steps is None else 100
-        current_steps = 0
-        for _ in range(max_epochs):
-            for batch in train_dataloader:
-                optimizer.zero_grad()
-                loss = training_step(batch, model)
-                loss.backward()
-                optimizer.step()
-                current_steps += 1
-                if max_steps and current_steps == max_steps:
-                    return
-            if scheduler is not None:
-                scheduler.step()
-
-    return training_model
-
-
 def test_qat_example_flow_keeps_accuracy_on_digits():
     train_dataloader, test_dataloader = digits_loaders()
     evaluating_model = make_evaluating_func(test_dataloader)
@@ -63,7 +42,7 @@ def test_qat_example_flow_keeps_accuracy_on_digits():
     assert float_accuracy > 0.85
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    evaluator = TorchEvaluator(qat_example_training_model(train_dataloader), optimizer, training_step)
+    evaluator = TorchEvaluator(example_training_model(train_dataloader), optimizer, training_step)
     config_list = [
         {
             "op_names": list(LAYERS),
@@ -113,30 +92,6 @@ class SimpleTorchModel(nn.Module):
         return F.log_softmax(x, -1)
 
 
-def asset_training_model(train_dataloader, calls):
-    """The ``training_model`` of NNI's test assets: 1 epoch and 50 steps unless told otherwise."""
-
-    def training_model(model, optimizer, training_step, scheduler=None, max_steps=None, max_epochs=None):
-        calls.append((optimizer, scheduler, max_steps, max_epochs))
-        model.train()
-        max_epochs = max_epochs if max_epochs else 1
-        max_steps = max_steps if max_steps else 50
-        current_steps = 0
-        for _ in range(max_epochs):
-            for batch in train_dataloader:
-                optimizer.zero_grad()
-                loss: torch.Tensor = training_step(batch, model)
-                loss.backward()
-                optimizer.step()
-                current_steps += 1
-                if max_steps and current_steps == max_steps:
-                    return
-            if scheduler is not None:
-                scheduler.step()
-
-    return training_model
-
-
 def test_qat_test_config_with_in_channel_weights_and_fused_batchnorms():
     torch.manual_seed(0)
     train_dataloader, test_dataloader = digits_loaders(train_size=640)  # 10 batches an epoch
@@ -145,7 +100,7 @@ def test_qat_test_config_with_in_channel_weights_and_fused_batchnorms():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     lr_scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.1)
     evaluator = TorchEvaluator(
-        asset_training_model(train_dataloader, calls),
+        example_training_model(train_dataloader, calls, default_epochs=1, default_steps=50),
         optimizer,
         training_step,
         lr_scheduler,

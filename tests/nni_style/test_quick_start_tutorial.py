@@ -11,7 +11,16 @@ write its two-entry config_list (conv/fc input, weight and output; the ReLU6 out
 from __future__ import annotations
 
 import torch
-from nni_style_common import Mnist, check_entry, digits_loaders, make_evaluating_func, pretrained, quant_range, training_step
+from nni_style_common import (
+    Mnist,
+    check_entry,
+    digits_loaders,
+    example_training_model,
+    make_evaluating_func,
+    pretrained,
+    quant_range,
+    training_step,
+)
 from torch.optim import SGD
 
 from quantrain import QATQuantizer, TorchEvaluator
@@ -34,29 +43,6 @@ CONFIG_LIST = [
 ]
 
 
-def tutorial_training_model(train_dataloader, calls):
-    """The tutorial's ``training_model``: one epoch without a budget, at most 100 with only ``max_steps``."""
-
-    def training_model(model, optimizer, training_step, scheduler=None, max_steps=None, max_epochs=None):
-        calls.append((optimizer, scheduler, max_steps, max_epochs))
-        model.train()
-        max_epochs = max_epochs if max_epochs else 1 if max_steps is None else 100
-        current_steps = 0
-        for _ in range(max_epochs):
-            for batch in train_dataloader:
-                optimizer.zero_grad()
-                loss = training_step(batch, model)
-                loss.backward()
-                optimizer.step()
-                current_steps += 1
-                if max_steps and current_steps == max_steps:
-                    return
-            if scheduler is not None:
-                scheduler.step()
-
-    return training_model
-
-
 def on_grid(values: torch.Tensor, entry: dict) -> bool:
     """Whether ``values`` are exactly representable with the entry's scale and zero point (fake-quantized values)."""
     qmin, qmax = quant_range(entry["quant_dtype"])
@@ -74,7 +60,7 @@ def test_quick_start_tutorial_on_digits():
 
     calls = []
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    evaluator = TorchEvaluator(tutorial_training_model(train_dataloader, calls), optimizer, training_step)
+    evaluator = TorchEvaluator(example_training_model(train_dataloader, calls), optimizer, training_step)
     quantizer = QATQuantizer(model, CONFIG_LIST, evaluator, len(train_dataloader))
     real_input = next(iter(train_dataloader))[0]
     quantizer.track_forward(real_input)
@@ -126,7 +112,7 @@ def test_module_fusion_page_config_folds_batchnorm1_into_conv1():
     float_accuracy = evaluating_model(model)
     calls = []
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    evaluator = TorchEvaluator(tutorial_training_model(train_dataloader, calls), optimizer, training_step)
+    evaluator = TorchEvaluator(example_training_model(train_dataloader, calls), optimizer, training_step)
     config_list = [
         {
             "target_names": ["_input_", "weight", "_output_"],
