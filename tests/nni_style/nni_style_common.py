@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-EPS = torch.finfo(torch.float32).eps
+from helpers import reference_qparams
+
 ENTRY_KEYS = {"scale", "zero_point", "quant_dtype", "quant_scheme", "quant_bits", "tracked_min", "tracked_max"}
 BATCH_SIZE = 64
 
@@ -217,19 +218,10 @@ def quant_range(quant_dtype: str) -> tuple[int, int]:
 
 
 def nni_scale_zero_point(tracked_min, tracked_max, quant_dtype: str, quant_scheme: str):
-    """NNI's scale and zero point from a tracked range (the range widened to include 0, the scale floored at eps)."""
+    """NNI's scale and zero point from a tracked range (the range widened to include 0, the scale floored at eps),
+    by the test suite's independent reference of NNI's formulas."""
     qmin, qmax = quant_range(quant_dtype)
-    lo = torch.minimum(tracked_min, torch.zeros_like(tracked_min))
-    hi = torch.maximum(tracked_max, torch.zeros_like(tracked_max))
-    if quant_scheme == "symmetric":
-        scale = torch.maximum(lo.abs(), hi.abs()) / (float(qmax - qmin) / 2)
-        scale = torch.maximum(scale, torch.full_like(scale, EPS))
-        zero_point = torch.full_like(scale, (qmax + qmin + 1) // 2)
-    else:
-        scale = (hi - lo) / float(qmax - qmin)
-        scale = torch.maximum(scale, torch.full_like(scale, EPS))
-        zero_point = qmin - torch.round(lo / scale)
-    return scale, torch.clamp(zero_point, qmin, qmax)
+    return reference_qparams(tracked_min, tracked_max, qmin, qmax, symmetric=quant_scheme == "symmetric")
 
 
 def fake_quantize(x: torch.Tensor, entry: dict) -> torch.Tensor:
