@@ -517,8 +517,14 @@ def test_from_compressor_keeps_the_earlier_targets_the_new_config_list_leaves_ou
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     both = [
-        {"op_types": ["Conv2d"], "target_names": ["weight", "_output_"], "quant_dtype": "uint8", "quant_scheme": "affine",
-         "fuse_names": [("0", "1", "2")], "target_settings": {"weight": {"quant_dtype": "int4", "granularity": "out_channel"}}},
+        {
+            "op_types": ["Conv2d"],
+            "target_names": ["weight", "_output_"],
+            "quant_dtype": "uint8",
+            "quant_scheme": "affine",
+            "fuse_names": [("0", "1", "2")],
+            "target_settings": {"weight": {"quant_dtype": "int4", "granularity": "out_channel"}},
+        },
         {"op_types": ["Linear"], "target_names": ["_input_", "weight"], "quant_dtype": "int8"},
     ]
     ptq = PtqQuantizer(model, both)
