@@ -1,12 +1,22 @@
-"""Accuracy benchmark: quantrain QAT vs PTQ vs torch.ao eager QAT vs a float control, at W8A8 down to W2A8.
+"""Accuracy benchmark: quantrain QAT vs PTQ vs torch.ao eager QAT vs NNI 3.0 QAT vs a float control, at W8A8 down
+to W2A8.
 
 Protocol, per dataset, model and seed: train a float checkpoint; then, from that checkpoint and with the same data
-order, learning rate and step budget, fine-tune (a) a float control, (b) quantrain QAT, (c) torch.ao eager QAT, and
-calibrate (d) quantrain PTQ. Every accuracy is reported as a drop against the float control of the same seed (never
-against the starting checkpoint: the extra epoch alone moves accuracy). Weights are int<W> symmetric per output
-channel (narrow range, e.g. [-7, 7] at 4 bits, for both libraries), activations uint<A> affine per tensor, each
-quantized once. Both QAT methods fold BatchNorm and freeze BatchNorm statistics and ranges for the last 20% of steps;
-quantrain tracks weight ranges as the paper does (min/max of the current weights), torch.ao as moving averages.
+order, learning rate and step budget, fine-tune (a) a float control, (b) quantrain QAT, (c) torch.ao eager QAT,
+(e) NNI 3.0 QAT, and calibrate (d) quantrain PTQ. Every accuracy is reported as a drop against the float control of
+the same seed (never against the starting checkpoint: the extra epoch alone moves accuracy). Weights are int<W>
+symmetric per output channel (narrow range, e.g. [-7, 7] at 4 bits, for every library), activations uint<A> affine
+per tensor, each quantized once. quantrain and torch.ao fold BatchNorm and freeze BatchNorm statistics and ranges for
+the last 20% of steps; quantrain tracks weight ranges as the paper does (min/max of the current weights), torch.ao as
+moving averages.
+
+NNI 3.0 (``NNI QAT``) gets quantrain's config_list with the conv-BN-ReLU groups as ``fuse_names`` (it folds BatchNorm
+with its running statistics and has no BatchNorm or range freezing, nor min/max weight ranges: it trains the whole
+epoch as it is), through NNI's ``TorchEvaluator``: the same loop, with Adam and the cosine schedule built by
+``nni.trace`` and re-created by NNI. It runs in a subprocess of an interpreter with NNI (``--nni-python PATH``, else
+``$QUANTRAIN_NNI_PYTHON``, else ``/opt/nni-venv/bin/python`` if it exists, else this one if ``import nni`` works; see
+``benchmarks/nni_support.py``), which loads the checkpoint saved here and the same data; its time is measured there,
+without the process start. Where no such interpreter is found, the column is skipped with the reason printed.
 
 Datasets: scikit-learn's digits (always) and Fashion-MNIST from Debian's package, if installed::
 
@@ -23,7 +33,9 @@ import gzip
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,9 +50,13 @@ from torch import nn
 from quantrain import PtqQuantizer, QATQuantizer
 from quantrain.config.presets import deployable_config_list
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nni_support, next to this script
+from nni_support import NniPython, find_nni_python, worker_env
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 AGREEMENT = "ORT agrees with fake-quant"  # a row of top-1 agreement %, not of accuracy
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A8": (2, 8)}
+METHODS = ("ptq", "quantrain", "torch.ao", "nni")
 
 
 @dataclass(frozen=True)
@@ -147,13 +163,22 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
 
 
 def train(
-    model: nn.Module, data: Dataset, epochs: int, lr: float, seed: int, on_step: Callable[[int, int], None] | None = None
+    model: nn.Module,
+    data: Dataset,
+    epochs: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int, int], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
-    """Adam with a cosine learning rate over ``epochs``; ``on_step(step, total)`` runs before each step."""
+    """Adam with a cosine learning rate over ``epochs``; ``on_step(step, total)`` runs before each step. An
+    ``optimizer`` and ``scheduler`` given (NNI's, re-created from the traced ones) are used instead of new ones."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     total = epochs * (len(data.y_train) // data.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     step = 0
     model.train()
     for epoch in range(epochs):
@@ -241,6 +266,65 @@ def run_torch_ao_qat(model: nn.Sequential, data: Dataset, bits: tuple[int, int],
     return wrapped
 
 
+def conv_bn_relu_groups(model: nn.Sequential) -> list[tuple[str, str, str]]:
+    """The (conv, BatchNorm, ReLU) names of each convolution, for NNI's ``fuse_names``."""
+    return [(str(i), str(i + 1), str(i + 2)) for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
+
+
+def run_nni_qat(model: nn.Sequential, data: Dataset, bits: tuple[int, int], seed: int, lr: float) -> nn.Module:
+    """NNI 3.0's QATQuantizer through its TorchEvaluator, one epoch of :func:`train` (runs in NNI's interpreter)."""
+    import nni
+    from nni.compression.base.setting import QuantizationSetting
+    from nni.compression.quantization import QATQuantizer
+    from nni.compression.utils import TorchEvaluator
+
+    if "AdaptiveAvgPool2d" not in QuantizationSetting.registry:  # NNI quantizes only the module types it has settings for
+        QuantizationSetting.register("AdaptiveAvgPool2d", QuantizationSetting.activation_setting)
+    config_list = quantrain_config(*bits)
+    config_list[1]["fuse_names"] = conv_bn_relu_groups(model)  # the conv/linear entry
+    optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=lr)
+    scheduler = nni.trace(torch.optim.lr_scheduler.CosineAnnealingLR)(optimizer, len(data.y_train) // data.batch_size)
+
+    def training_func(model, optimizer, training_step, scheduler, max_steps, max_epochs):
+        train(model, data, max_epochs, lr, seed, optimizer=optimizer, scheduler=scheduler)
+
+    def training_step(batch, model):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    evaluator = TorchEvaluator(training_func, optimizer, training_step, scheduler)
+    QATQuantizer(model, config_list, evaluator).compress(None, 1)
+    return model
+
+
+def nni_worker(spec: dict) -> None:
+    """One NNI QAT fine-tune in NNI's interpreter: the dataset loaded again, the checkpoint from the parent; prints
+    ``{"accuracy": %, "seconds": s}`` as the last line of stdout."""
+    torch.set_num_threads(spec["threads"])
+    warnings.filterwarnings("ignore")
+    data = load_digits() if spec["dataset"] == "digits" else load_fashion_mnist(spec["train_subset"])
+    model = MODELS[spec["model"]]()
+    model.load_state_dict(torch.load(spec["checkpoint"], weights_only=True))
+    start = time.perf_counter()
+    run_nni_qat(model, data, SETTINGS[spec["setting"]], spec["seed"], spec["lr"])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"accuracy": accuracy(model, data), "seconds": seconds}))
+
+
+def run_in_nni(nni_python: NniPython, spec: dict) -> tuple[float, float]:
+    """:func:`nni_worker` in a subprocess of NNI's interpreter: (accuracy %, seconds)."""
+    done = subprocess.run(
+        [nni_python.path, os.path.abspath(__file__), "--nni-worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=worker_env(with_quantrain_source=True),  # this script imports quantrain at its top; NNI's run never calls it
+    )
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-10:])
+        raise RuntimeError(f"the NNI worker exited with code {done.returncode}:\n{tail}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["accuracy"], result["seconds"]
+
+
 # ---- the benchmark ------------------------------------------------------------------------------------------
 
 
@@ -267,13 +351,24 @@ def onnx_runtime_accuracy(model: nn.Module, data: Dataset) -> tuple[float, float
 
 
 def benchmark(
-    data: Dataset, model_name: str, seed: int, settings: list[str], methods: list[str], onnx: bool = False
+    data: Dataset,
+    model_name: str,
+    seed: int,
+    settings: list[str],
+    methods: list[str],
+    onnx: bool = False,
+    nni_python: NniPython | None = None,
+    train_subset: int | None = None,
 ) -> list[Result]:
     results = []
     torch.manual_seed(seed)
     checkpoint = MODELS[model_name]()
     train(checkpoint, data, data.pretrain_epochs, 2e-3, seed)
     fine_tune_lr = 5e-4
+    folder = tempfile.TemporaryDirectory() if "nni" in methods else None
+    if folder is not None:
+        checkpoint_path = os.path.join(folder.name, "checkpoint.pt")
+        torch.save(checkpoint.state_dict(), checkpoint_path)
 
     def record(setting: str, method: str, run: Callable[..., nn.Module], *args: object) -> nn.Module:
         start = time.perf_counter()
@@ -303,6 +398,15 @@ def benchmark(
                 add(setting, AGREEMENT, agreement, 0.0)
         if "torch.ao" in methods:
             record(setting, "torch.ao QAT", run_torch_ao_qat, data, bits, seed, fine_tune_lr)
+        if "nni" in methods:
+            spec = {"dataset": data.name, "train_subset": train_subset, "model": model_name, "seed": seed}
+            spec |= {"setting": setting, "lr": fine_tune_lr, "checkpoint": checkpoint_path, "threads": torch.get_num_threads()}
+            try:
+                add(setting, "NNI QAT", *run_in_nni(nni_python, spec))
+            except RuntimeError as error:  # a result missing from the table, not the end of the run
+                print(f"  {data.name} {model_name} seed {seed} {setting}: NNI QAT failed: {error}", flush=True)
+    if folder is not None:
+        folder.cleanup()
     return results
 
 
@@ -356,23 +460,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["digits", "fashion-mnist"], choices=["digits", "fashion-mnist"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument(
-        "--methods", nargs="+", default=["ptq", "quantrain", "torch.ao"], choices=["ptq", "quantrain", "torch.ao"]
-    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N Fashion-MNIST training images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--onnx", action="store_true", help="also run each quantrain QAT model in ONNX Runtime (int8)")
+    parser.add_argument("--nni-python", default=None, help="interpreter with NNI 3.0 for the NNI column (see the docstring)")
     parser.add_argument("--json", default="accuracy.json", help="where to write the results (default accuracy.json)")
+    parser.add_argument("--nni-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.nni_worker:
+        nni_worker(json.loads(args.nni_worker))
+        return 0
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        import nni  # noqa: F401
-
-        print("NNI is importable, but its QATQuantizer column is not implemented in this benchmark yet")
-    except ImportError:
-        print("NNI 3.0 not importable: its column is skipped (pip install nni to compare)")
+    methods, skipped = list(args.methods), {}
+    nni_python = find_nni_python(args.nni_python) if "nni" in methods else None
+    if nni_python is not None:
+        print(f"NNI column: {nni_python.describe()}")
+        if not nni_python.available:
+            methods.remove("nni")
+            skipped["nni"] = nni_python.reason
     datasets = [
         d
         for d in (
@@ -388,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         for data in datasets
         for model in args.models
         for seed in args.seeds
-        for r in benchmark(data, model, seed, args.settings, args.methods, args.onnx)
+        for r in benchmark(data, model, seed, args.settings, methods, args.onnx, nni_python, args.train_subset)
     ]
     rows = summarize(results)
     test_sizes = {d.name: len(d.y_test) for d in datasets}
@@ -399,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "rows": rows, "runs": [asdict(r) for r in results], "test_sizes": test_sizes}, f, indent=1)
+        report = {"args": vars(args), "skipped": skipped, "nni": None if nni_python is None else nni_python.describe()}
+        json.dump({**report, "rows": rows, "runs": [asdict(r) for r in results], "test_sizes": test_sizes}, f, indent=1)
     return 0
 
 

@@ -21,8 +21,15 @@ Methods (the columns):
   fused by ``fuse_modules_qat``, ``QuantStub``/``DeQuantStub`` around the model, ``prepare_qat``. Eager mode observes
   an addition only through a ``FloatFunctional``, so torch.ao's resnet has each ``quantrain.Add`` replaced by one
   (:class:`FloatFunctionalAdd`), which quantizes the sum as quantrain's config does;
-* ``nni``: NNI 3.0's QATQuantizer; skipped, with the reason printed, where ``nni`` is not importable (this benchmark
-  has no NNI column yet even where it is);
+* ``nni``: NNI 3.0's QATQuantizer on the same layout: quantrain's config_list (``Add`` and ``AdaptiveAvgPool2d``
+  registered with NNI's ``QuantizationSetting``, which NNI requires for module types it has no settings for),
+  BatchNorm and ReLU folded by ``fuse_names`` groups (the torch.ao column's, :func:`torch_ao_fuse_groups`), SGD built
+  by ``nni.trace`` and re-created by NNI's ``TorchEvaluator``, whose ``training_func`` is this worker's loop, run by
+  ``quantizer.compress``. It runs in an interpreter with NNI (``--nni-python PATH``, else ``$QUANTRAIN_NNI_PYTHON``,
+  else ``/opt/nni-venv/bin/python`` if it exists, else this one if ``import nni`` works; see
+  ``benchmarks/nni_support.py``), with this checkout's ``src`` on ``PYTHONPATH`` only so that this script (which
+  imports quantrain for its models) loads there; skipped, with the reason printed, where no such interpreter is
+  found;
 * with ``--compile``: ``float+compile`` and ``quantrain+compile``, the prepared model wrapped in ``torch.compile``
   (default backend), compiled fresh as a user would. While a folded BatchNorm is live (no ``freeze_bn_step`` here),
   quantrain runs that layer eagerly inside the compiled model (a graph break per conv-BN layer; compiled, AOT autograd
@@ -67,7 +74,7 @@ Memory, two ways.
   kept by the allocator, so small models' numbers are mostly noise, and their ratios more so.
 
     python benchmarks/step_overhead.py [--models mlp resnet digits] [--rounds 15] [--steps 10] [--threads 2]
-        [--compile] [--json step_overhead.json]
+        [--compile] [--nni-python PATH] [--json step_overhead.json]
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ from quantrain.ops import native
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared models next to this script
 from models import BasicBlock, mlp, resnet
+from nni_support import NniPython, find_nni_python, worker_env
 
 SCRIPT = os.path.abspath(__file__)
 
@@ -134,6 +142,9 @@ class Prepared:
     module: nn.Module
     counts: dict[str, int] = field(default_factory=dict)
     report: Callable[[], dict[str, Any]] = dict
+    # How the training runs: None calls it directly with the worker's optimizer; NNI's hands it to its evaluator,
+    # which calls it back with the optimizer NNI re-created for the wrapped model.
+    drive: Callable[[Callable[[torch.optim.Optimizer], None]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,24 +252,70 @@ def prepare_torch_ao(model: nn.Module, case: Case) -> Prepared:
     return Prepared(wrapped, counts)
 
 
+def nni_config(model: nn.Module, case: Case) -> list[dict]:
+    """quantrain's config_list for NNI: the same entries, the conv/linear one with the ``fuse_names`` groups that
+    ``fuse="auto"`` finds (NNI folds only what it is told)."""
+    config = quantrain_config(case)
+    groups = [tuple(group) for group in torch_ao_fuse_groups(model)]
+    for entry in config:
+        if "weight" in entry["target_names"]:
+            entry["fuse_names"] = groups
+    return config
+
+
+def prepare_nni(model: nn.Module, case: Case) -> Prepared:
+    import nni
+    from nni.compression.base.setting import QuantizationSetting
+    from nni.compression.quantization import QATQuantizer
+    from nni.compression.utils import TorchEvaluator
+
+    for op_type in case.output_op_types:  # NNI quantizes only the module types it has settings for
+        if op_type not in QuantizationSetting.registry:
+            QuantizationSetting.register(op_type, QuantizationSetting.activation_setting)
+    body: list[Callable[[torch.optim.Optimizer], None]] = []
+
+    def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        body[0](optimizers)  # the worker's warm-up and timed steps, with the optimizer NNI re-created
+
+    def training_step(batch, model):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    quantizer = QATQuantizer(model, nni_config(model, case), TorchEvaluator(training_func, optimizer, training_step))
+    wrappers = [m._nni_wrapper for m in model.modules() if getattr(m, "_nni_wrapper", None) is not None]
+    counts = {
+        "quantized_modules": sum(1 for w in wrappers if w.quantization_target_spaces),
+        "fake_quantizers": sum(len(w.quantization_target_spaces) for w in wrappers),
+        "folded_batchnorms": sum(isinstance(f, nn.BatchNorm2d | nn.BatchNorm1d) for w in wrappers for f in w.fused_modules),
+    }
+
+    def drive(run: Callable[[torch.optim.Optimizer], None]) -> None:
+        body.append(run)
+        quantizer.compress(None, 1)  # the budget is the worker's commands; training_func ignores it
+
+    return Prepared(
+        model,
+        counts,
+        lambda: {"quantizer_steps": quantizer.current_step, "calibrated_modules": len(quantizer.get_calibration_config())},
+        drive,
+    )
+
+
 PREPARE: dict[str, Callable[[nn.Module, Case], Prepared]] = {
     "float": prepare_float,
     "quantrain": prepare_quantrain,
     "quantrain-per-tensor": lambda model, case: prepare_quantrain(model, case, per_tensor=True),
     "quantrain-pytorch-ops": prepare_quantrain,  # its worker runs with QUANTRAIN_NATIVE=0
     "torch.ao": prepare_torch_ao,
+    "nni": prepare_nni,  # its worker runs in NNI's interpreter
 }
 
 
-def unavailable(method: str) -> str | None:
+def unavailable(method: str, nni_python: NniPython | None) -> str | None:
     """Why ``method`` cannot run here, or None."""
     if method != "nni":
         return None
-    try:
-        import nni  # noqa: F401
-    except ImportError as error:
-        return f"NNI 3.0 not importable ({error}); pip install nni to compare"
-    return "NNI is importable, but this benchmark has no NNI column yet"
+    return "no NNI interpreter looked for" if nni_python is None else nni_python.reason
 
 
 # ---- a training step ----------------------------------------------------------------------------------------------
@@ -473,23 +530,31 @@ def worker(spec: dict[str, Any]) -> None:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(spec["threads"])
         s = setup(spec["model"], spec["method"])
-        module, optimizer, x, y = s.module, s.optimizer, s.x, s.y
-        baseline = resident_bytes()
-        warmup = [train_step(module, optimizer, x, y) for _ in range(spec["warmup"] - 1)]
-        memory = {"saved_bytes": None, "tensor_bytes": None, "saved_top": [], "saved_note": "--warmup 0: no step measured"}
-        if spec["warmup"] > 0:
-            seconds, memory = measured_step(s)
-            warmup.append(seconds)
-        send({"ready": True, "baseline_bytes": baseline, "warmup": warmup, "counts": s.prepared.counts, "memory": memory})
-        for line in sys.stdin:
-            command = json.loads(line)
-            if "steps" in command:
-                send({"times": [train_step(module, optimizer, x, y) for _ in range(command["steps"])]})
-            else:
-                with torch.no_grad():
-                    loss = F.cross_entropy(module(x), y).item()
-                send({"peak_bytes": peak_resident_bytes(), "report": {**s.prepared.report(), "final_loss": loss}})
-                return
+
+        def session(optimizer: torch.optim.Optimizer) -> None:
+            s.optimizer = optimizer
+            module, x, y = s.module, s.x, s.y
+            baseline = resident_bytes()
+            warmup = [train_step(module, optimizer, x, y) for _ in range(spec["warmup"] - 1)]
+            memory = {"saved_bytes": None, "tensor_bytes": None, "saved_top": [], "saved_note": "--warmup 0: no step measured"}
+            if spec["warmup"] > 0:
+                seconds, memory = measured_step(s)
+                warmup.append(seconds)
+            send({"ready": True, "baseline_bytes": baseline, "warmup": warmup, "counts": s.prepared.counts, "memory": memory})
+            for line in sys.stdin:
+                command = json.loads(line)
+                if "steps" in command:
+                    send({"times": [train_step(module, optimizer, x, y) for _ in range(command["steps"])]})
+                else:
+                    with torch.no_grad():
+                        loss = F.cross_entropy(module(x), y).item()
+                    send({"peak_bytes": peak_resident_bytes(), "report": {**s.prepared.report(), "final_loss": loss}})
+                    return
+
+        if s.prepared.drive is None:
+            session(s.optimizer)
+        else:
+            s.prepared.drive(session)
     except Exception as error:
         send({"error": f"{type(error).__name__}: {error}".strip(), "traceback": traceback.format_exc()})
 
@@ -500,12 +565,16 @@ def worker(spec: dict[str, Any]) -> None:
 class Worker:
     """One configuration's worker process, spoken to in JSON lines."""
 
-    def __init__(self, model: str, method: str, threads: int, warmup: int) -> None:
+    def __init__(self, model: str, method: str, threads: int, warmup: int, python: str = sys.executable) -> None:
         self.model, self.method = model, method
         spec = {"model": model, "method": method, "threads": threads, "warmup": warmup}
-        env = {**os.environ, "QUANTRAIN_NATIVE": "0"} if method == "quantrain-pytorch-ops" else None
+        env = None
+        if method == "quantrain-pytorch-ops":
+            env = {**os.environ, "QUANTRAIN_NATIVE": "0"}
+        elif method == "nni":
+            env = worker_env(with_quantrain_source=True)
         self.process = subprocess.Popen(
-            [sys.executable, SCRIPT, "--worker", json.dumps(spec)],
+            [python, SCRIPT, "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -613,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help=f"untimed steps first (+{COMPILE_EXTRA_WARMUP} under compile)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each worker")
     parser.add_argument("--compile", action="store_true", help=f"add the columns {', '.join(COMPILED_METHODS)}")
+    parser.add_argument("--nni-python", default=None, help="interpreter with NNI 3.0 for the nni column (see the docstring)")
     parser.add_argument("--json", default="step_overhead.json", help="where to write the results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -620,7 +690,10 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
     methods = list(dict.fromkeys(args.methods + (list(COMPILED_METHODS) if args.compile else [])))
-    skipped = {m: reason for m in methods if (reason := unavailable(m))}
+    nni_python = find_nni_python(args.nni_python) if "nni" in methods else None
+    if nni_python is not None and nni_python.available:
+        print(f"nni column: {nni_python.describe()}")
+    skipped = {m: reason for m in methods if (reason := unavailable(m, nni_python))}
     for method, reason in skipped.items():
         print(f"{method} column skipped: {reason}")
     load_before = os.getloadavg()
@@ -643,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
                 if method in skipped:
                     continue
                 warmup = args.warmup + (COMPILE_EXTRA_WARMUP if method.endswith("+compile") else 0)
-                w = Worker(model, method, args.threads, warmup)
+                python = nni_python.path if method == "nni" else sys.executable
+                w = Worker(model, method, args.threads, warmup, python)
                 workers.append(w)
                 reply = w.receive()  # one worker warms up at a time
                 if not failed(w, reply):
@@ -688,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_before,
         "load_average_end": load_after,
         "quantrain_native": native.status(),
+        "nni": None if nni_python is None else nni_python.describe(),
     }
     with open(args.json, "w", encoding="utf-8") as f:
         report = {"args": vars(args), "environment": environment, "skipped": skipped, "errors": errors}

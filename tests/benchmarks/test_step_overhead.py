@@ -3,6 +3,7 @@ its saved-tensor measurement matches what autograd saves, counted by hand."""
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,11 +28,12 @@ def test_digits_rows(benchmark, tmp_path, capsys):
     out = tmp_path / "step_overhead.json"
     methods = ["float", "quantrain", "torch.ao", "nni"]
     argv = ["--models", "digits", "--methods", *methods, "--rounds", "2", "--steps", "2", "--warmup", "1", "--threads", "1"]
-    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    no_nni = str(tmp_path / "no-such-python")  # the NNI column is skipped, with the reason, where NNI is not found
+    assert benchmark.main([*argv, "--nni-python", no_nni, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"float", "quantrain", "torch.ao"} and report["errors"] == []
-    assert "nni" in report["skipped"]  # not importable here; and there is no NNI column where it is
+    assert "does not exist" in report["skipped"]["nni"]
     for row in rows.values():
         assert row["model"] == "digits" and row["steps"] == 4
         assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["x_float"] > 0
@@ -53,6 +55,26 @@ def test_digits_rows(benchmark, tmp_path, capsys):
     output = capsys.readouterr().out
     assert "| digits (64) | quantrain |" in output and "nni column skipped" in output
     assert "| saved MiB | peak tensor MiB | x float tensors | RSS train peak MiB |" in output
+
+
+def test_nni_column_where_nni_is_found(benchmark, tmp_path):
+    if not os.environ.get("QUANTRAIN_NNI_PYTHON"):  # NNI lives in its own venv: opt in (it takes a while)
+        pytest.skip("set QUANTRAIN_NNI_PYTHON to an interpreter with NNI 3.0 to run the NNI column")
+    nni_python = benchmark.find_nni_python()
+    if not nni_python.available:
+        pytest.skip(f"no interpreter with NNI 3.0: {nni_python.reason}")
+    out = tmp_path / "step_overhead.json"
+    argv = ["--models", "mlp", "--methods", "float", "quantrain", "nni", "--rounds", "1", "--steps", "2", "--warmup", "1"]
+    assert benchmark.main([*argv, "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"float", "quantrain", "nni"} and report["errors"] == [] and report["skipped"] == {}
+    nni, quantrain = rows["nni"]["prepared"], rows["quantrain"]["prepared"]
+    assert nni["quantizer_steps"] == 1 + 2  # NNI counted every step of the worker's loop, inside its compress()
+    for key in ("quantized_modules", "fake_quantizers", "folded_batchnorms", "calibrated_modules"):
+        assert nni[key] == quantrain[key]
+    assert nni["final_loss"] == quantrain["final_loss"]  # no BatchNorm to fold: the same numbers, step for step
+    assert rows["nni"]["saved_mib"] > rows["float"]["saved_mib"] and rows["nni"]["x_float"] > 0
 
 
 def test_saved_bytes_of_a_linear_layer_by_hand(benchmark):
