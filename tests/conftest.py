@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one thread each, no oversubscription
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -161,11 +161,13 @@ def test_demo_with_missing_dataset_files_exits_4(monkeypatch, capsys):
     assert capsys.readouterr().err == "quantrain: error: Fashion-MNIST not found; apt-get install dataset-fashion-mnist\n"
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "quantrain", "demo", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--qat-epochs" in result.stdout
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_code_and_error_line(tmp_path):
     missing = str(tmp_path / "missing.onnx")
     result = subprocess.run([sys.executable, "-m", "quantrain", "inspect", missing], capture_output=True, text=True, timeout=60)

@@ -24,6 +24,7 @@ from quantrain import QATQuantizer
 from quantrain.config.presets import deployable_config_list
 
 pytestmark = [
+    pytest.mark.slow,  # each test compiles graphs
     pytest.mark.skipif(
         not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c),
         reason="torch.compile's inductor backend needs a C++ compiler on CPU",

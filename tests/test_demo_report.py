@@ -136,6 +136,7 @@ def test_fashion_mnist_from_the_debian_package(fashion_mnist):
     assert torch.bincount(y_train, minlength=10).min() > 450  # a seeded draw covers every class
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_demo_on_fashion_mnist(fashion_mnist, monkeypatch):
     # The whole pipeline on 28x28 images; 1000 of the test images keep the test quick (the demo uses all 10000).

@@ -11,7 +11,10 @@ import distributed_workers as workers
 from quantrain import PtqQuantizer, QATQuantizer
 from quantrain.distributed import RangeSync, world_size
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+pytestmark = [
+    pytest.mark.slow,  # processes started per test
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build"),
+]
 
 
 def assert_calibration_close(actual: dict, expected: dict, atol: float = 1e-6) -> None:

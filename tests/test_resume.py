@@ -55,6 +55,7 @@ def _final_state(directory: Path) -> tuple[dict, dict]:
     return final["model"], load_calibration_config(directory / "calibration.json")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_a_killed_run_resumes_to_the_same_calibration_config_and_weights(tmp_path):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"

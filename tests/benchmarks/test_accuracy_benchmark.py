@@ -21,6 +21,7 @@ def accuracy_module():
     return module
 
 
+@pytest.mark.slow
 def test_digits_run_writes_rows_with_drops_against_the_float_control(accuracy_module, tmp_path, capsys):
     out = tmp_path / "accuracy.json"
     argv = ["--datasets", "digits", "--models", "plain", "--settings", "W8A8", "--seeds", "0", "--json", str(out)]

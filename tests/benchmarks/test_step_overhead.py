@@ -24,6 +24,7 @@ def benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_digits_rows(benchmark, tmp_path, capsys):
     out = tmp_path / "step_overhead.json"
     methods = ["float", "quantrain", "torch.ao", "nni"]

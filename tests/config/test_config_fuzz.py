@@ -994,6 +994,7 @@ FUZZ = settings(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @settings(FUZZ, max_examples=250)
 @given(data=st.data())
@@ -1010,6 +1011,7 @@ def test_well_formed_config_quantizes_runs_and_unwraps(model_name, data):
     check_quantized_run(model_name, model, quantizer, float_output, before, strict=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 @settings(FUZZ, max_examples=50)
 @given(data=st.data())
@@ -1019,12 +1021,14 @@ def test_malformed_config_raises_naming_entry_and_key_and_leaves_model_unchanged
     event(run_case(case))
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=300)
 @given(case=garbage())
 def test_garbage_config_raises_value_or_type_error_and_leaves_model_unchanged(case):
     event(run_case(case))
 
 
+@pytest.mark.slow
 def test_malformed_strategy_is_malformed_nearly_always():
     """Most generated "malformed" configs really are (a corruption can happen to leave a valid config): at least 90%
     overall and half of each kind raise, at construction or (activation shapes) at the first forward."""

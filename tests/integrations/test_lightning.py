@@ -351,6 +351,7 @@ def test_missing_lightning_asks_for_the_extra(monkeypatch):
         _ = integration.QuantizationCallback
 
 
+@pytest.mark.slow
 def test_importing_quantrain_does_not_import_lightning():
     code = (
         "import sys, quantrain, quantrain.integrations.lightning\n"
@@ -363,6 +364,7 @@ def test_importing_quantrain_does_not_import_lightning():
 # ---- DDP ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_ranks_count_their_steps_and_agree_on_calibration(tmp_path):
     """Lightning's ddp strategy on 2 CPU processes (gloo): the script re-launches itself for rank 1."""

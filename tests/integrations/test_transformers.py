@@ -340,6 +340,7 @@ def test_callback_errors(tmp_path):
 # ---- packaging ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_import_quantrain_does_not_import_transformers():
     code = (
         "import sys, quantrain, quantrain.integrations.transformers\n"

@@ -209,17 +209,20 @@ def _status_in_subprocess(tmp_path, **env) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_disabled_by_environment(tmp_path):
     out = _status_in_subprocess(tmp_path, QUANTRAIN_NATIVE="0")
     assert out.splitlines() == ["disabled by QUANTRAIN_NATIVE", "True"]
 
 
+@pytest.mark.slow
 def test_a_failing_compiler_falls_back_with_its_reason(tmp_path):
     out = _status_in_subprocess(tmp_path, CC="false").splitlines()
     assert out[0].startswith("unavailable (false failed") and out[0].endswith("using PyTorch operations")
     assert out[1] == "True"
 
 
+@pytest.mark.slow
 def test_builds_into_the_cache_directory_once(tmp_path, kernels):
     first = _status_in_subprocess(tmp_path).splitlines()
     assert first[0].startswith(f"loaded: {tmp_path / 'cache'}") and first[1] == "False"
