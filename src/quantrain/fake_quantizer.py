@@ -153,6 +153,11 @@ class FakeQuantizer(nn.Module):
             self._native_plans[key] = plan
         return observe_fake_quantize(x, layout, plan, state, not self._zero_free)
 
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Track the range of ``x`` (per block, as this target's layout says) without quantizing it."""
+        self.observer(x, self._blocks_for(x) if self.activation else self._blocks)
+
     def update_qparams(self) -> None:
         """Recompute ``scale`` and ``zero_point`` from the tracked range (no-op before the first batch)."""
         if self.observer.is_seeded:

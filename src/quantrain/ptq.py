@@ -251,7 +251,7 @@ class PtqQuantizer(Quantizer):
                 if fq.activation:
                     continue
                 fq.observer.reset()
-                fq.observer(_parameter_value(module, name), fq._blocks)
+                fq.observe(_parameter_value(module, name))
 
 
 def _parameter_value(module: nn.Module, name: str) -> torch.Tensor:
