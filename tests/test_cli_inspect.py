@@ -284,3 +284,50 @@ def test_interrupt_exit_130(exported, capsys, monkeypatch):
     monkeypatch.setattr("quantrain.summary.summarize_file", interrupted)
     assert main(["inspect", str(exported[2]), "--quiet"]) == 130
     assert capsys.readouterr().err == "quantrain: interrupted\n"
+
+
+def test_inspect_a_folder_lists_the_files_it_reads_exit_4(exported, tmp_path, capsys):
+    _, _, onnx_path, json_path = exported
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for source, name in ((onnx_path, "b_int8.onnx"), (json_path, "a_calibration.json")):
+        (folder / name).write_bytes(source.read_bytes())
+    (folder / "quant.json").write_text('{"config_list": []}')  # a quantizer spec: not something inspect reads
+    (folder / "notes.txt").write_text("hello")
+    assert main(["inspect", str(folder)]) == 4
+    assert capsys.readouterr().err == (
+        f"quantrain: error: {folder}: is a folder, not a file; inspect reads one file, e.g. one of these in it: "
+        f"{folder / 'a_calibration.json'}, {folder / 'b_int8.onnx'}\n"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["inspect", str(empty)]) == 4
+    err = capsys.readouterr().err
+    assert err == (
+        f"quantrain: error: {empty}: is a folder, not a file, and holds no .onnx model or calibration config .json "
+        "that inspect reads\n"
+    )
+
+
+def test_inspect_a_demo_results_json_shows_its_calibration_config(exported, tmp_path, capsys):
+    _, _, _, json_path = exported
+    results = {"format": "quantrain.demo_results", "version": 1, "qat_accuracy": 97.5}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**results, "calibration_config": json.loads(json_path.read_text())}))
+    assert main(["inspect", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert main(["inspect", str(json_path)]) == 0
+    direct = capsys.readouterr().out
+    assert shown.splitlines()[0].startswith(f"{path}: calibration config, ")
+    assert shown.splitlines()[1:] == direct.splitlines()[1:]  # the same tables
+
+    broken = {"modules": {"conv": {"weight": {"scale": [0.1, -0.2], "zero_point": [0, 0]}}}}
+    path.write_text(
+        json.dumps({**results, "calibration_config": {"format": "quantrain.calibration_config", "version": 1, **broken}})
+    )
+    assert main(["inspect", str(path)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantrain: error: {path} ['calibration_config']: ['conv']['weight']: scale must be positive")
+    path.write_text(json.dumps(results))
+    assert main(["inspect", str(path)]) == 4
+    assert f"{path}: a quantrain demo results file without its 'calibration_config'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 import sys
@@ -235,3 +236,91 @@ def test_write_report_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     recorder.record_metric("float", 1, 50.0)
     with pytest.raises(ImportError, match=re.escape("pip install 'quantrain[report]'")):
         write_report(tmp_path, recorder=recorder)
+
+
+def test_recorder_step_offset_puts_ranges_on_the_metrics_axis():
+    model, quantizer, optimizer = _trained_digits_quantizer(steps=0)
+    with TrainingRecorder(quantizer, step_offset=100) as recorder:
+        _train(model, optimizer, 3)
+    assert recorder.ranges["3._output_0"].steps == [101, 102, 103]
+    recorder.watch(quantizer, step_offset=7)  # a new offset from here on
+    with recorder:
+        _train(model, optimizer, 1)
+    assert recorder.ranges["3._output_0"].steps == [101, 102, 103, 11]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="step_offset must be a non-negative int"):
+            TrainingRecorder(step_offset=bad)
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+
+CURVES = {
+    "float": [(0, 10.0), (50, 90.0), (100, 98.0)],
+    "float control": [(100, 98.0), (110, 98.5), (120, 98.25)],
+    "int8 QAT": [(100, 98.0), (110, 98.5), (120, 97.75)],
+}
+
+
+def test_zoomed_limits_golden():
+    from quantrain.report.plots import zoomed_limits
+
+    assert zoomed_limits([98.0, 98.5, 97.75], min_span=0.5) == (97.6375, 98.6125)  # span 0.75, 15% margins
+    assert zoomed_limits([98.0, 98.5, 97.75], min_span=1.0) == (97.475, 98.775)  # widened to 1.0 around 98.125
+    assert zoomed_limits([5.0], min_span=2.0) == (3.7, 6.3)
+
+
+def test_plot_accuracy_zooms_from_focus_from_and_marks_events(tmp_path):
+    pytest.importorskip("matplotlib")
+    from quantrain.report.plots import plot_accuracy, zoomed_limits
+
+    events = {"quantization starts": 100, "BatchNorm frozen": 116}
+    drawn = plot_accuracy(CURVES, str(tmp_path / "a.png"), events=events, focus_from=100)
+    whole, zoom = drawn["panels"]
+    assert _png_size(tmp_path / "a.png") == (1200, 480)
+    after = [98.0, 98.0, 98.5, 98.25, 98.0, 98.5, 97.75]
+    assert tuple(zoom["ylim"]) == zoomed_limits(after, min_span=1.0) == (97.475, 98.775)
+    assert zoom["xlim"] == [99.6, 120.4] and whole["ylim"][0] < 10.0 < 98.775 < whole["ylim"][1]
+    assert (whole["title"], zoom["title"]) == ("whole run", "from step 100, zoomed")
+    for panel in (whole, zoom):
+        assert panel["xlabel"] == "optimizer step"
+        assert [(e["label"], e["step"], e["labelled"]) for e in panel["events"]] == [
+            ("quantization starts", 100.0, True),
+            ("BatchNorm frozen", 116.0, True),
+        ]
+        assert [(line["label"], line["color"], line["linestyle"], line["marker"]) for line in panel["lines"]] == [
+            ("float", "#1f77b4", "-", "o"),
+            ("float control", "#ff7f0e", "--", "s"),
+            ("int8 QAT", "#2ca02c", "-.", "^"),
+        ]
+
+
+def test_plot_accuracy_without_focus_is_one_panel_fitted_to_the_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    from quantrain.report.plots import plot_accuracy
+
+    (panel,) = plot_accuracy({"QAT": [(1, 97.0), (2, 98.0)]}, str(tmp_path / "a.png"))["panels"]
+    assert panel["events"] == [] and panel["title"] == ""
+    assert 96.5 < panel["ylim"][0] < 97.0 and 98.0 < panel["ylim"][1] < 98.5  # matplotlib's margins, not 0-100
+
+
+def test_write_report_keeps_the_plots_data_in_report_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    model, quantizer, optimizer = _trained_digits_quantizer(steps=0)
+    recorder = TrainingRecorder(quantizer, step_offset=100)
+    for name, points in CURVES.items():
+        for step, value in points:
+            recorder.record_metric(name, step, value)
+    _train(model, optimizer, 2)
+    recorder.close()
+    sqnr = {"0 Conv2d": 40.5, "3 Conv2d": math.inf}
+    events = {"quantization starts": 100}
+    path = write_report(tmp_path, recorder=recorder, sqnr=sqnr, events=events, focus_from=100)
+    data = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert data["events"] == events and data["focus_from"] == 100 and data["sqnr"] == {"0 Conv2d": 40.5, "3 Conv2d": "inf"}
+    assert data["metrics"]["int8 QAT"] == [[100, 98.0], [110, 98.5], [120, 97.75]]
+    assert data["ranges"]["3._output_0"]["steps"] == [101, 102]
+    assert data["ranges"]["3._output_0"]["max"] == recorder.ranges["3._output_0"].envelope()[2].tolist()
+    assert list(data["plots"]) == ["accuracy.png", "ranges.png", "sqnr.png"]
+    assert [len(data["plots"][name]["panels"]) for name in data["plots"]] == [2, 5, 1]
+    page = path.read_text(encoding="utf-8")
+    assert "zoomed to 97.47-98.78" in page and "Dotted vertical lines: quantization starts at step 100." in page

@@ -15,6 +15,9 @@ counted without an optimizer step, by ``quantizer.step()``, is seen at the next 
 holds the recorder until :meth:`~TrainingRecorder.close` (or the end of a ``with`` block); ``hook=False`` records
 nothing by itself, and you call :meth:`~TrainingRecorder.record_ranges` from your loop instead.
 
+Ranges are recorded under the quantizer's step plus ``step_offset``: when QAT continues a float training whose
+metrics you recorded from its first step, ``step_offset`` (the float steps) puts both on one optimizer-step axis.
+
 >>> import torch
 >>> from quantrain import QATQuantizer
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -79,6 +82,7 @@ class TrainingRecorder:
         every: record the ranges at steps that are multiples of ``every``.
         hook: record automatically after each counted optimizer step (see the module docstring); ``False`` leaves
             it to explicit :meth:`record_ranges` calls.
+        step_offset: added to the quantizer's step when recording ranges (see the module docstring).
 
     Attributes:
         ranges: ``{"module.target": RangeHistory}`` for each activation target (inputs and outputs), in the
@@ -86,11 +90,12 @@ class TrainingRecorder:
         metrics: ``{name: [(step, value), ...]}`` in recording order.
     """
 
-    def __init__(self, quantizer: Quantizer | None = None, every: int = 1, *, hook: bool = True) -> None:
+    def __init__(self, quantizer: Quantizer | None = None, every: int = 1, *, hook: bool = True, step_offset: int = 0) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         self.every = every
         self.hook = hook
+        self.step_offset = _step_offset(step_offset)
         self.quantizer: Quantizer | None = None
         self.ranges: dict[str, RangeHistory] = {}
         self.metrics: dict[str, list[tuple[int, float]]] = {}
@@ -100,10 +105,13 @@ class TrainingRecorder:
         if quantizer is not None:
             self.watch(quantizer)
 
-    def watch(self, quantizer: Quantizer) -> TrainingRecorder:
-        """Start recording ``quantizer``'s activation ranges (from its next counted step when ``hook``)."""
+    def watch(self, quantizer: Quantizer, *, step_offset: int | None = None) -> TrainingRecorder:
+        """Start recording ``quantizer``'s activation ranges (from its next counted step when ``hook``), under its
+        step plus ``step_offset`` (default: the offset given before)."""
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be a quantrain Quantizer, got {type(quantizer).__name__}")
+        if step_offset is not None:
+            self.step_offset = _step_offset(step_offset)
         self.close()
         self.quantizer = quantizer
         self._targets = [
@@ -136,13 +144,14 @@ class TrainingRecorder:
 
     @torch.no_grad()
     def record_ranges(self, step: int | None = None) -> None:
-        """Copy every seeded activation range to the CPU under ``step`` (default: the quantizer's current step).
+        """Copy every seeded activation range to the CPU under ``step`` (default: the quantizer's current step plus
+        ``step_offset``).
 
         One device-to-host copy for all targets: the ranges are concatenated on the device first.
         """
         if self.quantizer is None:
             raise RuntimeError("this recorder watches no quantizer: call watch(quantizer) first")
-        step = self.quantizer.current_step if step is None else int(step)
+        step = self.quantizer.current_step + self.step_offset if step is None else int(step)
         seeded = [(label, fq.observer) for label, fq in self._targets if fq.observer.is_seeded]
         if not seeded:
             return
@@ -164,4 +173,10 @@ class TrainingRecorder:
         if step != last:
             self._last_step = step
             if last is None or step // self.every != last // self.every:  # a multiple of `every` reached or passed
-                self.record_ranges(step)
+                self.record_ranges(step + self.step_offset)
+
+
+def _step_offset(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"step_offset must be a non-negative int, got {value!r}")
+    return value
