@@ -1,6 +1,12 @@
 """Deploy benchmark: ONNX Runtime latency and file size of quantrain's int8 export, against the fp32 ONNX of the same
 model and against ONNX Runtime's own static QDQ quantization of that fp32 model.
 
+quantrain's export is measured twice: with its weights stored as int8 (``quantrain``, what ORT's quantizer writes)
+and as the same values in uint8 + 128 (``quantrain-uint8``), which ONNX Runtime computes exactly on x86 CPUs without
+VNNI, where its int8-weight kernels saturate (``export_onnx``'s default, ``weight_dtype="auto"``, picks it there).
+Each quantrain file's largest difference from its fake-quant model is reported in quantization steps of the output
+(``parity steps``), with whether this CPU's kernels saturate.
+
 Models: an MLP 784-1024-1024-10 (batch 256) and a small ResNet-style CNN (3x32x32, three basic blocks of 32/64/128
 channels, batch 32). Weights are random and BatchNorm statistics come from a few training-mode batches: latency and
 size do not depend on training. quantrain's model is prepared with the deployable config (uint8 affine activations,
@@ -29,11 +35,14 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from quantrain import QATQuantizer, check_parity, export_onnx
 from quantrain.config.presets import deployable_config_list
+from quantrain.deploy.runtime import u8s8_saturates
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared models next to this script
 from models import mlp, resnet
 
 CASES = {"mlp": (mlp, (256, 784)), "resnet": (resnet, (32, 3, 32, 32))}
+VARIANTS = ("fp32", "ort_static", "quantrain", "quantrain-uint8")
+WEIGHT_DTYPES = {"quantrain": "int8", "quantrain-uint8": "uint8"}
 
 
 def config(name: str) -> list[dict]:
@@ -48,7 +57,7 @@ class Batches(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> dict[str, str]:
+def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> tuple[dict[str, str], dict[str, float]]:
     build, _ = CASES[name]
     torch.manual_seed(0)
     model = build()
@@ -57,7 +66,7 @@ def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> dict[str
         for x in calibration:  # BatchNorm statistics
             model(x)
     model.eval()
-    paths = {kind: os.path.join(folder, f"{name}_{kind}.onnx") for kind in ("fp32", "ort_static", "quantrain")}
+    paths = {kind: os.path.join(folder, f"{name}_{kind}.onnx") for kind in VARIANTS}
     axes = {"input_0": {0: "batch"}, "output_0": {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,13 +92,16 @@ def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> dict[str
 
     for x in calibration:
         quantizer.track_forward(x)
-    report = export_onnx(model.eval(), calibration[0], paths["quantrain"])
-    parity = check_parity(model, paths["quantrain"], calibration[-1]).outputs[0]
-    print(
-        f"{name}: quantrain export notes {report.notes or 'none'}; parity with its fake-quant model: top-1 "
-        f"{100 * parity.top1_agreement:.1f}%, SQNR {parity.sqnr_db:.1f} dB"
-    )
-    return paths
+    steps = {}
+    for kind, weight_dtype in WEIGHT_DTYPES.items():
+        report = export_onnx(model.eval(), calibration[0], paths[kind], weight_dtype=weight_dtype)
+        parity = check_parity(model, paths[kind], calibration[-1]).outputs[0]
+        steps[kind] = parity.max_diff_in_steps
+        print(
+            f"{name}: {kind} export notes {report.notes or 'none'}; parity with its fake-quant model: top-1 "
+            f"{100 * parity.top1_agreement:.1f}%, largest difference {parity.max_diff_in_steps:.2f} steps"
+        )
+    return paths, steps
 
 
 def session(path: str, threads: int) -> ort.InferenceSession:
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = CASES[name][1]
             generator = torch.Generator().manual_seed(1)
             calibration = [torch.randn(shape, generator=generator) for _ in range(8)]
-            paths = prepare(name, folder, calibration)
+            paths, steps = prepare(name, folder, calibration)
             times = measure(paths, calibration[0].numpy(), args.runs, args.threads)
             fp32 = statistics.median(times["fp32"])
             for kind, samples in times.items():
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                         "speedup_vs_fp32": fp32 / median,
                         "size_kib": os.path.getsize(paths[kind]) / 1024,
                         "size_vs_fp32": os.path.getsize(paths[kind]) / os.path.getsize(paths["fp32"]),
+                        "parity_steps": steps.get(kind),
                     }
                 )
     by_model = {}
@@ -155,20 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     for variants in by_model.values():
         for row in variants.values():
             row["vs_ort_static"] = variants["ort_static"]["median_ms"] / row["median_ms"]
-    print("\n| model (batch) | variant | median ms (min-max) | speed-up vs fp32 | vs ORT static | size KiB | size vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    header = "| model (batch) | variant | median ms (min-max) | speed-up vs fp32 | vs ORT static | size KiB | size vs fp32 |"
+    print(f"\n{header} parity steps |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         timing = f"{row['median_ms']:.2f} ({row['min_ms']:.2f}-{row['max_ms']:.2f})"
+        parity = "-" if row["parity_steps"] is None else f"{row['parity_steps']:.2f}"
         print(
-            f"| {row['model']} ({row['batch']}) | {row['variant']} | {timing} "
-            f"| {row['speedup_vs_fp32']:.2f}x | {row['vs_ort_static']:.2f}x | {row['size_kib']:.0f} | {row['size_vs_fp32']:.2f} |"
+            f"| {row['model']} ({row['batch']}) | {row['variant']} | {timing} | {row['speedup_vs_fp32']:.2f}x "
+            f"| {row['vs_ort_static']:.2f}x | {row['size_kib']:.0f} | {row['size_vs_fp32']:.2f} | {parity} |"
         )
+    saturates = u8s8_saturates()
     print(
         f"\nONNX Runtime {ort.__version__}, {args.threads} threads, {args.runs} interleaved runs per variant; "
-        f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+        f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; this CPU's uint8 x int8 "
+        f"kernels {'saturate (x86 without VNNI)' if saturates else 'are exact'}"
     )
     with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "rows": rows, "onnxruntime": ort.__version__}, f, indent=1)
+        report = {"args": vars(args), "rows": rows, "onnxruntime": ort.__version__, "u8s8_saturates": saturates}
+        json.dump(report, f, indent=1)
     return 0
 
 

@@ -280,25 +280,17 @@ def test_links_reach_existing_pages_and_headings():
                 assert anchor in _anchors(linked), f"docs/{page.name} links to {target}#{anchor}: no such heading"
 
 
-def test_benchmark_tables_repeat_the_published_numbers():
-    """docs/benchmarks.md copies its numbers from README.md and docs/performance.md, except the comparisons with NNI
-    3.0 (the sections whose heading names NNI), which only it publishes."""
-    published = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "README.md", DOCS / "performance.md"))
-    published_rows = {line.strip() for line in published.splitlines() if line.startswith("|")}
-    lines = (DOCS / "benchmarks.md").read_text(encoding="utf-8").splitlines()
-    headings = [line if line.startswith("#") else None for line in lines]
-    section = [next((h for h in reversed(headings[: i + 1]) if h), "") for i in range(len(lines))]
-    rows = [
-        line.strip()
-        for i, line in enumerate(lines)
-        if line.startswith("|")
-        and not line.startswith("|---")
-        and not lines[i + 1].startswith("|---")
-        and "NNI" not in section[i]
-    ]
-    assert len(rows) > 100
-    missing = [row for row in rows if row not in published_rows]
-    assert not missing, f"rows of docs/benchmarks.md found neither in README.md nor in docs/performance.md: {missing}"
+def test_performance_tables_repeat_the_benchmarks_page():
+    """docs/benchmarks.md publishes the measured tables (README.md quotes a few numbers, tests/test_readme.py checks
+    them); docs/performance.md repeats rows of them, which must not drift, beside its own profile tables."""
+    published = {
+        line.strip() for line in (DOCS / "benchmarks.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")
+    }
+    lines = (DOCS / "performance.md").read_text(encoding="utf-8").splitlines()
+    rows = [line.strip() for line in lines if line.startswith(("| mlp (", "| resnet (", "| digits ("))]  # measured rows
+    assert len(rows) > 20
+    missing = [row for row in rows if row not in published]
+    assert not missing, f"rows of docs/performance.md that docs/benchmarks.md does not have: {missing}"
 
 
 def test_the_quickstart_is_under_15_lines():
