@@ -204,6 +204,7 @@ def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], se
         model,
         quantrain_config(*bits),
         fuse="auto",
+        example_inputs=data.x_train[:2],
         weight_range="minmax",
         freeze_bn_step=freeze,
         freeze_range_step=freeze,
@@ -216,7 +217,7 @@ def run_quantrain_qat(model: nn.Module, data: Dataset, bits: tuple[int, int], se
 def run_quantrain_ptq(
     model: nn.Module, data: Dataset, bits: tuple[int, int], seed: int, calibration_batches: int = 32
 ) -> nn.Module:
-    ptq = PtqQuantizer(model, quantrain_config(*bits), fuse="auto", integer_bias=True)
+    ptq = PtqQuantizer(model, quantrain_config(*bits), fuse="auto", integer_bias=True, example_inputs=data.x_train[:2])
 
     model.eval()
     for index, (x, _) in enumerate(batches(data.x_train, data.y_train, data.batch_size, seed)):

@@ -88,7 +88,7 @@ def prepare(name: str, folder: str, calibration: list[torch.Tensor]) -> tuple[di
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
-    quantizer = QATQuantizer(model, config(name), fuse="auto", integer_bias=True)
+    quantizer = QATQuantizer(model, config(name), fuse="auto", integer_bias=True, example_inputs=calibration[0])
 
     for x in calibration:
         quantizer.track_forward(x)

@@ -189,7 +189,9 @@ def prepare_float(model: nn.Module, case: Case) -> Prepared:
 
 
 def prepare_quantrain(model: nn.Module, case: Case, per_tensor: bool = False) -> Prepared:
-    quantizer = QATQuantizer(model, quantrain_config(case, per_tensor), fuse="auto")
+    quantizer = QATQuantizer(
+        model, quantrain_config(case, per_tensor), fuse="auto", example_inputs=torch.zeros(2, *case.shape[1:])
+    )
     counts = {
         "quantized_modules": len(quantizer.quantized_modules),
         "fake_quantizers": sum(1 for _ in quantizer.fake_quantizers()),

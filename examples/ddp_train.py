@@ -47,7 +47,8 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     x_train, y_train, x_test, y_test = load_digits()
     model = build_model().to(device)
-    quantizer = QATQuantizer(model, demo_config_list(8), fuse="auto", integer_bias=True)  # before or after DDP: either works
+    # before or after DDP: either works; the example input is what quantrain captures the model's graph from
+    quantizer = QATQuantizer(model, demo_config_list(8), fuse="auto", integer_bias=True, example_inputs=x_train[:2].to(device))
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
 

@@ -65,7 +65,9 @@ def train(directory: str, steps: int, every: int, delay: float, resume: bool) ->
     model = build_model(seed=1 if resume else 0)  # a resumed run must take everything from the checkpoint
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
-    quantizer = QATQuantizer(model, CONFIG_LIST, fuse="auto", integer_bias=True, **SCHEDULE)
+    quantizer = QATQuantizer(
+        model, CONFIG_LIST, fuse="auto", integer_bias=True, example_inputs=torch.zeros(1, 1, 8, 8), **SCHEDULE
+    )
     start = _restore(directory, model, optimizer, scheduler, quantizer) if resume else 0
     print(f"starting at step {start}", flush=True)
     for step in range(start, steps):

@@ -56,7 +56,7 @@ def exported(tmp_path_factory):
 
     torch.manual_seed(0)
     model = build_model()
-    quantizer = QATQuantizer(model, CONFIG_LIST, fuse="auto", integer_bias=True)
+    quantizer = QATQuantizer(model, CONFIG_LIST, fuse="auto", integer_bias=True, example_inputs=torch.zeros(1, 1, 8, 8))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(4):
         loss = model(torch.randn(16, 1, 8, 8)).square().mean()

@@ -41,7 +41,7 @@ def _import(path):
 
 def _rebuilt(module, config_list, state):
     model = module.build()
-    QATQuantizer(model, config_list, fuse="auto", integer_bias=True, freeze_bn_step=6)
+    QATQuantizer(model, config_list, fuse="auto", integer_bias=True, freeze_bn_step=6, example_inputs=torch.zeros(1, 1, 8, 8))
     model.load_state_dict(state)
     return model.eval()
 
@@ -57,7 +57,9 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     model = module.build()
     config_list = deployable_config_list(8, 8)
-    quantizer = QATQuantizer(model, config_list, fuse="auto", integer_bias=True, freeze_bn_step=6)
+    quantizer = QATQuantizer(
+        model, config_list, fuse="auto", integer_bias=True, freeze_bn_step=6, example_inputs=torch.zeros(1, 1, 8, 8)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(8):
         x = torch.randn(32, 1, 8, 8)
@@ -195,7 +197,7 @@ BAD_INPUTS = {
     "damaged onnx": (lambda f, t: {"onnx": _file(t, "bad.onnx", b"\x08\x07garbage" * 50)}, "not a valid ONNX model", ""),
     "missing data": (lambda f, t: {"--data": str(t / "nope.npy")}, "--data", "no such file"),
     "data without x": (lambda f, t: {"--data": _save(t, {"images": torch.zeros(3)})}, "--data", "key 'x' or 'inputs'"),
-    "data of the wrong shape": (lambda f, t: {"--data": _save(t, torch.zeros(4, 3))}, "inputs 0..3 failed", "conv2d"),
+    "data of the wrong shape": (lambda f, t: {"--data": _save(t, torch.zeros(4, 3))}, "--data: the model's graph", "conv2d"),
     "spec not json": (lambda f, t: _spec(f, t, "{oops"), "not valid JSON", ""),
     "spec unknown key": (lambda f, t: _spec(f, t, {"config_list": [], "quantiser": {}}), "unknown key 'quantiser'", ""),
     "spec unknown option": (

@@ -59,7 +59,7 @@ def _train(backend: str | None, steps: int = STEPS, config_list=None, **options)
     the losses and the number of graphs compiled after each step."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    options = {"fuse": "auto", "freeze_bn_step": 0, **options}
+    options = {"fuse": "auto", "freeze_bn_step": 0, "example_inputs": torch.zeros(1, 3, 6, 6), **options}
     quantizer = QATQuantizer(model, config_list or deployable_config_list(8, 8), **options)
     forward = model if backend is None else torch.compile(model, backend=backend)
     losses, graphs = [], []

@@ -85,7 +85,7 @@ def test_ddp_with_folded_sync_batchnorm_on_cuda_matches_one_process(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_on_cuda_keeps_ranges_in_float32(dtype):
     model = workers.cnn_bn().cuda()
-    quantizer = QATQuantizer(model, workers.FOLD_CONFIG, integer_bias=True)
+    quantizer = QATQuantizer(model, workers.FOLD_CONFIG, integer_bias=True, example_inputs=workers.batch(0)[0].cuda())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(4):
         x, y = (t.cuda() for t in workers.batch(step))

@@ -59,7 +59,7 @@ def _cnn() -> nn.Module:
 def _quantize_cnn(model: nn.Module, **options) -> QATQuantizer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # integer_bias: the Linear's input is not quantized per tensor upstream
-        return QATQuantizer(model, CNN_CONFIG, fuse="auto", integer_bias=True, **options)
+        return QATQuantizer(model, CNN_CONFIG, fuse="auto", integer_bias=True, example_inputs=torch.zeros(2, 1, 8, 8), **options)
 
 
 def _batch(step: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +165,14 @@ def test_auto_fusion_leaves_a_layer_called_twice_unfused_and_says_so():
     model, plain = TwoSites(), TwoSites()
     plain.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match=r"not fusing \('conv', 'bn'\) \('conv' is called 2 times\)"):
-        quantizer = QATQuantizer(model, config, fuse="auto")
+        quantizer = QATQuantizer(model, config, fuse="auto", example_inputs=torch.zeros(1, 2, 3, 3))
     assert list(quantizer.fusions()) == []
     QATQuantizer(plain, config)
     for _ in range(3):  # the bare call is not batch-normalized: the numbers of the unfused model
         x = torch.randn(4, 2, 3, 3)
         assert torch.equal(model(x), plain(x))
     with pytest.raises(ValueError, match="'conv' is called 2 times in the forward"):
-        QATQuantizer(TwoSites(), [{**config[0], "fuse_names": [("conv", "bn")]}])
+        QATQuantizer(TwoSites(), [{**config[0], "fuse_names": [("conv", "bn")]}], example_inputs=torch.zeros(1, 2, 3, 3))
 
 
 class SharedReLU(nn.Module):
@@ -188,7 +188,8 @@ class SharedReLU(nn.Module):
 
 def test_a_fused_relu_module_used_again_elsewhere_still_rectifies_there():
     model = SharedReLU()
-    quantizer = QATQuantizer(model, [{"op_names": ["conv1"], "target_names": ["weight", "_output_"]}], fuse="auto")
+    config = [{"op_names": ["conv1"], "target_names": ["weight", "_output_"]}]
+    quantizer = QATQuantizer(model, config, fuse="auto", example_inputs=torch.zeros(1, 1, 6, 6))
     assert [fusion.group for fusion in quantizer.fusions()] == [("conv1", "bn1", "relu")]
     calls = []
     model.relu.register_forward_hook(lambda module, args, output: calls.append((args[0], output)))
@@ -333,7 +334,7 @@ def _on_meta(quantizer_class=QATQuantizer) -> tuple[nn.Module, QATQuantizer]:
 def _ptq(model: nn.Module) -> PtqQuantizer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PtqQuantizer(model, CNN_CONFIG, fuse="auto", integer_bias=True)
+        return PtqQuantizer(model, CNN_CONFIG, fuse="auto", integer_bias=True, example_inputs=torch.zeros(2, 1, 8, 8))
 
 
 def _materialize(model: nn.Module, state: dict, how: str) -> None:

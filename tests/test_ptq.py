@@ -362,7 +362,7 @@ def test_from_compressor_keeps_batchnorm_folded_unless_told_otherwise(override):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
     config = [{"op_types": ["Conv2d"], "target_names": ["weight", "_output_"], "quant_dtype": "int8"}]
-    ptq = PtqQuantizer(model, config, fuse="auto")
+    ptq = PtqQuantizer(model, config, fuse="auto", example_inputs=torch.zeros(1, 1, 6, 6))
     ptq.track_forward(torch.randn(8, 1, 6, 6))
     ptq.compress()
     folded_scale = model[0].fake_quant["weight"].scale.clone()

@@ -38,7 +38,7 @@ def _calibrated(model: nn.Module, config_list: list[dict], x: torch.Tensor) -> P
 def _trained_digits_quantizer(steps: int = 3) -> tuple[nn.Module, QATQuantizer, torch.optim.Optimizer]:
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    quantizer = QATQuantizer(model, demo_config_list(8), fuse="auto", integer_bias=True)
+    quantizer = QATQuantizer(model, demo_config_list(8), fuse="auto", integer_bias=True, example_inputs=torch.zeros(1, 1, 8, 8))
     _train(model, optimizer, steps)
     return model, quantizer, optimizer
 

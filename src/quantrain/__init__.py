@@ -17,6 +17,7 @@ from quantrain.config import (
     TargetSettings,
     parse_config_list,
     register_default_targets,
+    register_weight_axis,
 )
 from quantrain.config.presets import deployable_config_list
 from quantrain.evaluator import Evaluator, TorchEvaluator
@@ -58,6 +59,7 @@ __all__ = [
     "parse_config_list",
     "register_default_targets",
     "register_float_forward",
+    "register_weight_axis",
     "save_calibration_config",
     "save_checkpoint",
     "save_quantizer_spec",

@@ -16,17 +16,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from quantrain.calibration import CalibrationConfig
-from quantrain.config.bias import plan_bias_sources
+from quantrain.config.bias import needs_graph, plan_bias_sources
 from quantrain.config.fusion import plan_fusions
+from quantrain.config.ops import OpTargetPlan, entry_selects_ops, plan_op_targets
 from quantrain.config.parse import parse_config_list
-from quantrain.config.resolve import ModulePlan, TargetKind, resolve
+from quantrain.config.resolve import ModulePlan, TargetKind, float_type, resolve
 from quantrain.distributed import RangeSync, broadcast_state, check_same_layout
 from quantrain.evaluator import Evaluator
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.graph import CaptureError, ModelGraph, capture, example_arguments
 from quantrain.observer import RangeTracking
 from quantrain.wrapping.fusion import Fusion, fold_parameters
 from quantrain.wrapping.meta import PendingState, is_meta, state_device
 from quantrain.wrapping.model import OWNED_CHILDREN, check_wrappable, unwrap, wrap
+from quantrain.wrapping.op_points import OpPoint, OpPointPlan, OpPoints, build_op_points, remove_op_points
 from quantrain.wrapping.quantized_module import FUSION_NAME, link_integer_bias
 
 __all__ = ["FUSE_MODES", "STEP_BUFFER", "Quantizer"]
@@ -56,17 +59,20 @@ class Quantizer:
         *,
         fuse: str | None = None,
         integer_bias: bool = False,
+        example_inputs: Any = None,
         sync_ranges: bool = True,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         trained = model
         model = model.module if isinstance(model, DistributedDataParallel) else model
-        plans = self._plan(model, config_list, evaluator, fuse)
         _check_flag("integer_bias", integer_bias)
         _check_flag("sync_ranges", sync_ranges)
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}")
-        bias_sources, float_biases = plan_bias_sources(model, plans) if integer_bias else ((), ())
+        plans, op_plans, graph = self._plan(
+            model, config_list, evaluator, fuse, integer_bias=integer_bias, example_inputs=example_inputs
+        )
+        bias_sources, float_biases = plan_bias_sources(model, plans, graph) if integer_bias else ((), ())
         if evaluator is not None:
             evaluator.bind_model(trained)
         self.bound_model = model
@@ -74,9 +80,17 @@ class Quantizer:
         self.config_list = config_list
         self.fuse = fuse
         self.integer_bias = integer_bias
+        self.example_inputs = example_inputs
+        self.graph: ModelGraph | None = graph
+        """The model's graph as quantization planned on it (``None`` when nothing needed it)."""
         self._current_step = 0
         device = _device_of(model)
         self._modules = wrap(model, plans, self._tracking, state_device(device))
+        try:
+            self._op_points, self._op_runtime = self._wrap_ops(model, op_plans, state_device(device))
+        except BaseException:
+            unwrap(self._modules)
+            raise
         for source in bias_sources:
             link_integer_bias(self._modules[source.module], self._modules[source.source].fake_quant[source.target])
         if float_biases:
@@ -106,8 +120,19 @@ class Quantizer:
             self.attach_optimizer(evaluator.first_optimizer)  # its steps are the ones counted, as in NNI
 
     @staticmethod
-    def _plan(model: nn.Module, config_list: Any, evaluator: Any, fuse: Any, *, handover: bool = False) -> tuple[ModulePlan, ...]:
-        """Validate everything and return the plans; raises before the model is touched.
+    def _plan(
+        model: nn.Module,
+        config_list: Any,
+        evaluator: Any,
+        fuse: Any,
+        *,
+        integer_bias: bool = False,
+        example_inputs: Any = None,
+        handover: bool = False,
+    ) -> tuple[tuple[ModulePlan, ...], tuple[OpTargetPlan, ...], ModelGraph | None]:
+        """Validate everything and return the plans, and the graph they were planned on (captured from
+        ``example_inputs``, or the evaluator's ``dummy_input``, when fusion or integer bias needs it); raises before
+        the model is touched.
 
         ``handover``: the model is still quantized by the quantizer being replaced (see ``from_compressor``).
         """
@@ -123,11 +148,20 @@ class Quantizer:
                 raise ValueError(f"{type(model).__name__} is already quantized by quantrain (it has {STEP_BUFFER!r}); {hint}")
             check_wrappable(model)
 
+        if example_inputs is not None:
+            example_arguments(example_inputs)  # raises TypeError for something that is no example
         entries = parse_config_list(config_list)
-        plans = plan_fusions(model, entries, resolve(model, entries), auto=fuse == "auto")
+        selected: dict[int, int] = {}
+        plans = resolve(model, entries, selected)
+        module_types = {float_type(m).__name__ for m in model.modules()}
+        op_entries = [entry for entry in entries if entry_selects_ops(entry, module_types)]
+        example = example_inputs if example_inputs is not None else getattr(evaluator, "dummy_input", None)
+        graph = _capture_if_needed(model, entries, plans, fuse, integer_bias, example, op_entries)
+        plans = plan_fusions(model, entries, plans, auto=fuse == "auto", graph=graph)
+        op_plans = plan_op_targets(entries, graph, module_types, selected)
         if not handover:
-            check_wrappable(model, plans)
-        return plans
+            check_wrappable(model, plans, op_plans)
+        return plans, op_plans, graph
 
     _OPTIONS: tuple[str, ...] = ()
     """The keyword options of a subclass's constructor that ``from_compressor`` accepts besides the shared ones."""
@@ -145,8 +179,8 @@ class Quantizer:
         As in NNI, the earlier quantizer's targets that ``new_config_list`` does not configure stay quantized, with
         their settings (:func:`_kept_entries` appends them to the new config_list); targets with the same settings
         carry their tracked ranges, scales and zero points over. ``evaluator`` and the shared options (``fuse``,
-        ``integer_bias``, ``sync_ranges``, ``process_group``) default to the earlier quantizer's. Everything is
-        validated while the earlier quantizer still holds the model, so a bad argument changes nothing.
+        ``integer_bias``, ``example_inputs``, ``sync_ranges``, ``process_group``) default to the earlier quantizer's.
+        Everything is validated while the earlier quantizer still holds the model, so a bad argument changes nothing.
         """
         if not isinstance(compressor, Quantizer):
             raise TypeError(f"compressor must be a quantrain quantizer, got {type(compressor).__name__}")
@@ -156,6 +190,7 @@ class Quantizer:
         shared = {
             "fuse": compressor.fuse,
             "integer_bias": compressor.integer_bias,
+            "example_inputs": compressor.example_inputs,
             "sync_ranges": compressor.range_sync.enabled,
             "process_group": compressor.range_sync.group,
         }
@@ -164,21 +199,22 @@ class Quantizer:
         if kwargs:
             raise TypeError(f"from_compressor() got unexpected arguments {sorted(kwargs)}")
         cls._check_options(*args, **options)
-        plans = cls._plan(model, new_config_list, evaluator, shared["fuse"], handover=True)
-        kept = _kept_entries(compressor, plans)
+        planning = {"integer_bias": shared["integer_bias"], "example_inputs": shared["example_inputs"], "handover": True}
+        plans, op_plans, _ = cls._plan(model, new_config_list, evaluator, shared["fuse"], **planning)
+        kept = _kept_entries(compressor, plans, op_plans)
         if kept:
             new_config_list = [*new_config_list, *kept]
-            cls._plan(model, new_config_list, evaluator, shared["fuse"], handover=True)
+            cls._plan(model, new_config_list, evaluator, shared["fuse"], **planning)
         if evaluator is not None and evaluator is not compressor.evaluator:
             evaluator.bind_model(model)
         carried = {
             (name, target): (fq.settings, fq.state_dict())
-            for name, module in compressor._modules.items()
+            for name, module in compressor._holders().items()
             for target, fq in module.fake_quant.items()
         }
         compressor.unwrap_model()
         quantizer = cls(model, new_config_list, evaluator, *args, **shared, **options)
-        for name, module in quantizer._modules.items():
+        for name, module in quantizer._holders().items():
             for target, fq in module.fake_quant.items():
                 settings, state = carried.get((name, target), (None, None))
                 if settings == fq.settings:
@@ -210,6 +246,29 @@ class Quantizer:
         check_same_layout(self._layout(), group, _device_of(self.bound_model))
         self.bound_model.load_state_dict(broadcast_state(self._owned_buffers(), group), strict=False)
 
+    def _wrap_ops(
+        self, model: nn.Module, op_plans: tuple, device: torch.device | None
+    ) -> tuple[dict[str, OpPoint], OpPoints | None]:
+        """A quantizer on the output of each planned op (see :mod:`quantrain.wrapping.op_points`)."""
+        if not op_plans:
+            return {}, None
+        plans = tuple(OpPointPlan(p.call.scope, p.call.op_type, p.call.index, p.settings) for p in op_plans)
+        tracking = self._tracking(TargetKind.OUTPUT)
+
+        def make(plan: OpPointPlan) -> FakeQuantizer:
+            return FakeQuantizer(plan.settings, activation=True, tracking=tracking, label=f"{plan.name}._output_0", device=device)
+
+        return build_op_points(model, plans, make)
+
+    def _holders(self) -> dict[str, nn.Module]:
+        """Every quantized module and op point by name; each holds its quantizers in ``fake_quant``."""
+        return {**self._modules, **self._op_points}
+
+    @property
+    def op_points(self) -> dict[str, nn.Module]:
+        """The quantized functional ops by name (``layer1.0.add:0``); each holds its quantizer in ``fake_quant``."""
+        return dict(self._op_points)
+
     def _owned_buffers(self) -> dict[str, torch.Tensor]:
         """quantrain's buffers in the bound model (its quantizers' state and the step), by state_dict name."""
         return {name: buffer for name, buffer in self.bound_model.named_buffers() if is_quantrain_key(name)}
@@ -217,7 +276,7 @@ class Quantizer:
     def _layout(self) -> list[str]:
         """How the model is quantized, one line per target and fusion (compared across ranks)."""
         lines = [f"{type(self).__name__}: {self._options()}"]
-        for name, module in self._modules.items():
+        for name, module in self._holders().items():
             lines += [
                 f"{name}.{target}: {fq.extra_repr()}, {fq.observer.extra_repr()}" for target, fq in module.fake_quant.items()
             ]
@@ -345,7 +404,7 @@ class Quantizer:
     # ---- results -----------------------------------------------------------------------------------------
 
     def fake_quantizers(self) -> Iterator[FakeQuantizer]:
-        for module in self._modules.values():
+        for module in self._holders().values():
             yield from module.fake_quant.values()
 
     def fusions(self) -> Iterator[Fusion]:
@@ -380,7 +439,7 @@ class Quantizer:
         self._ensure_materialized()
         self.check_nonfinite()
         config: CalibrationConfig = {}
-        for name, module in self._modules.items():
+        for name, module in self._holders().items():
             for target, fq in module.fake_quant.items():
                 if fq.is_calibrated:
                     config.setdefault(name, {})[target] = _calibration_entry(fq)
@@ -416,11 +475,12 @@ class Quantizer:
         self.set_calibration_config(calibration_config)
 
     def _target(self, module: str, target: str, strict: bool) -> FakeQuantizer | None:
-        fake_quant = self._modules[module].fake_quant if module in self._modules else {}
+        holders = self._holders()
+        fake_quant = holders[module].fake_quant if module in holders else {}
         if target in fake_quant:
             return fake_quant[target]
         if strict:
-            where = f"module {module!r}" if module in self._modules else f"{module!r} is not a quantized module"
+            where = f"module {module!r}" if module in holders else f"{module!r} is not a quantized module or op"
             raise ValueError(f"calibration_config[{module!r}][{target!r}]: no such target ({where}; strict=False skips it)")
         return None
 
@@ -432,6 +492,8 @@ class Quantizer:
         self._check_wrapped()
         self._final_calibration = self.get_calibration_config() if self._pending is None else {}
         unwrap(self._modules)
+        remove_op_points(self.bound_model, self._op_runtime)
+        self._op_points, self._op_runtime = {}, None
         del self.bound_model._buffers[STEP_BUFFER]
         self.bound_model.__dict__.pop(LINK_ATTRIBUTE, None)
         self.bound_model.__dict__.pop(DDP_IGNORE, None)
@@ -515,13 +577,14 @@ class Quantizer:
         self.bound_model.get_buffer(STEP_BUFFER).fill_(self._current_step)
 
 
-def _kept_entries(compressor: Quantizer, plans: tuple[ModulePlan, ...]) -> list[dict[str, Any]]:
-    """config_list entries, one per module, for ``compressor``'s targets that ``plans`` leave out, each with its
-    settings (and the module's ``fuse_names`` group where its folding would otherwise be lost)."""
+def _kept_entries(compressor: Quantizer, plans: tuple[ModulePlan, ...], op_plans: tuple = ()) -> list[dict[str, Any]]:
+    """config_list entries, one per module or op, for ``compressor``'s targets that ``plans`` and ``op_plans`` leave
+    out, each with its settings (and the module's ``fuse_names`` group where its folding would otherwise be lost)."""
     configured = {(plan.name, target.name) for plan in plans for target in plan.targets}
+    configured |= {(plan.name, "_output_0") for plan in op_plans}
     fused = {plan.name for plan in plans if plan.fusion is not None}
     entries = []
-    for name, module in compressor._modules.items():
+    for name, module in compressor._holders().items():
         kept = {target: fq.settings for target, fq in module.fake_quant.items() if (name, target) not in configured}
         if not kept:
             continue
@@ -575,6 +638,47 @@ def _calibration_entry(fq: FakeQuantizer) -> dict[str, Any]:
         "tracked_min": _cpu(fq.observer.tracked_min),
         "tracked_max": _cpu(fq.observer.tracked_max),
     }
+
+
+def _capture_if_needed(
+    model: nn.Module,
+    entries: Any,
+    plans: tuple[ModulePlan, ...],
+    fuse: Any,
+    integer_bias: bool,
+    example: Any,
+    op_entries: list = (),
+) -> ModelGraph | None:
+    """The model's graph (planned modules as units) when ``fuse='auto'``, explicit ``fuse_names`` or integer bias
+    read it. Without an example: ``ValueError`` for what cannot do without the graph; explicit ``fuse_names`` are
+    then checked when the forward runs (a folded BatchNorm must receive its layer's output)."""
+    wants = []
+    if fuse == "auto":
+        wants.append("fuse='auto' finds the chains to fold")
+    upstream = needs_graph(model, plans) if integer_bias else []
+    if upstream:
+        wants.append(f"integer_bias finds which quantizer feeds {', '.join(upstream[:3])}{' ...' if len(upstream) > 3 else ''}")
+    if op_entries:
+        listed = [f"config_list[{entry.index}]" for entry in op_entries]
+        wants.append(f"{', '.join(listed)} select functional ops, which are found")
+    explicit = any(entry.fuse_names for entry in entries)
+    if not wants and not (explicit and example is not None):
+        return None
+    if example is None:
+        raise ValueError(
+            f"{' and '.join(wants)} in the model's graph, which quantrain captures with torch.export from an example "
+            "input: pass example_inputs= (a batch as the forward takes it: a tensor, a tuple of positional inputs or a "
+            "dict of keyword inputs), or give the evaluator a dummy_input"
+        )
+    device = _device_of(model)
+    if device is not None:
+        example = _to_device(example, device)  # as track_forward does
+    try:
+        return capture(model, example, units=frozenset(plan.name for plan in plans))
+    except CaptureError:
+        if wants:
+            raise
+        return None  # explicit fuse_names only: the fused forward checks its chain when it runs
 
 
 def _check_flag(name: str, value: Any) -> None:

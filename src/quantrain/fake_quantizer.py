@@ -243,6 +243,12 @@ class FakeQuantizer(nn.Module):
         if self.scale.numel() > 0:
             if scale.numel() != self.scale.numel():
                 raise ValueError(f"{self.label}: expected {self.scale.numel()} scales (shape {known}), got {scale.numel()}")
+            if scale.dim() == len(known) and tuple(scale.shape) != known:  # e.g. (out, 1) given to a (1, out) target
+                raise ValueError(
+                    f"{self.label}: expected scales of shape {known}, got shape {tuple(scale.shape)}: they vary along "
+                    "another dim than this target's (granularity 'out_channel' follows each module type's output-channel "
+                    "axis, see quantrain.register_weight_axis)"
+                )
             return known
         return tuple(scale.shape)
 

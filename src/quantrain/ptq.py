@@ -66,7 +66,7 @@ class PtqQuantizer(Quantizer):
             restored weights, and folded BatchNorms use their running statistics throughout. The activation ranges
             are the extremes over the loop's forwards (whose weights moved while it ran) and the evaluation's.
         fuse: ``None`` or ``'auto'``, as for :class:`~quantrain.QATQuantizer`.
-        integer_bias: as for :class:`~quantrain.QATQuantizer`.
+        integer_bias, example_inputs: as for :class:`~quantrain.QATQuantizer`.
         sync_ranges, process_group: as for :class:`~quantrain.QATQuantizer`: under DistributedDataParallel each
             calibration batch's extremes are reduced across ranks, so the ranges are those of the global data.
     """
@@ -84,6 +84,7 @@ class PtqQuantizer(Quantizer):
         calibrate_only: bool = False,
         fuse: str | None = None,
         integer_bias: bool = False,
+        example_inputs: Any = None,
         sync_ranges: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -102,6 +103,7 @@ class PtqQuantizer(Quantizer):
             evaluator,
             fuse=fuse,
             integer_bias=integer_bias,
+            example_inputs=example_inputs,
             sync_ranges=sync_ranges,
             process_group=process_group,
         )

@@ -53,13 +53,20 @@ class QATQuantizer(Quantizer):
         weight_range: ``'ema'`` (the reference: moving average of weight ranges) or ``'minmax'`` (the paper:
             the current weights' min and max).
         fuse: ``None`` folds only what ``fuse_names`` names (the reference); ``'auto'`` also finds
-            Conv/Linear -> BatchNorm (-> ReLU/ReLU6) chains by tracing the model with ``torch.fx``.
+            Conv/Linear -> BatchNorm (-> ReLU/ReLU6) chains in the model's graph (see ``example_inputs``).
         integer_bias: round each quantized layer's bias (the folded one too) to the int32 grid of integer
             inference, ``S_in * S_w`` (the paper's section 2.4), while its input and weight are fake-quantized.
             ``S_in`` is the scale of the per-tensor activation quantizer feeding the layer: its own ``_input_``
-            or, found by tracing the model, the ``_output_`` of the module upstream (through max pooling, ReLU,
+            or, found in the model's graph, the ``_output_`` of the module upstream (through max pooling, ReLU,
             reshapes and dropout). The model then computes what ONNX Runtime's integer kernels compute, so the
             exported int8 model agrees with it far more closely. Off by default (the reference keeps biases float).
+        example_inputs: a batch as the forward takes it (a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs such as a Hugging Face batch), from which quantrain captures the model's graph with
+            ``torch.export`` (see :mod:`quantrain.graph`), when ``fuse='auto'``, ``integer_bias`` or ``fuse_names``
+            read it. Default: the evaluator's ``dummy_input``. Only shapes and dtypes matter; the model is not run
+            on it for real (no range is tracked, no statistic moves). Where the graph is needed and there is no
+            example, or the forward cannot be captured, the constructor raises ``ValueError`` saying so and leaves
+            the model as it was.
         sync_ranges: under a ``torch.distributed`` process group of several ranks (DistributedDataParallel),
             reduce each activation's batch range across ranks before the moving average, so every rank holds the
             same ranges, scales and zero points, those of a single process seeing the global batch (see
@@ -81,6 +88,7 @@ class QATQuantizer(Quantizer):
         weight_range: str = "ema",
         fuse: str | None = None,
         integer_bias: bool = False,
+        example_inputs: Any = None,
         sync_ranges: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -93,6 +101,7 @@ class QATQuantizer(Quantizer):
             evaluator,
             fuse=fuse,
             integer_bias=integer_bias,
+            example_inputs=example_inputs,
             sync_ranges=sync_ranges,
             process_group=process_group,
         )

@@ -15,8 +15,9 @@ tensor ``q`` (an initializer or a ``Constant`` node), so that ``w = (q - zero_po
 * ``granularity``: ``per-tensor`` (one scale) or ``per-channel`` along ``axis`` (ONNX's ``axis`` attribute, default 1).
 
 An *activation quantization point* is a QuantizeLinear whose output feeds a DequantizeLinear; its label is
-``module.target`` where the export named it (``<label>/quantize``), else the node's name (a pair the export inserted
-after a grid-preserving operator such as Flatten or MaxPool).
+``module.target`` where the export named it (``<label>/quantize``; a point the forward calls again is
+``module.target#n`` at its n-th repeated call), else the node's name (a pair the export inserted after a
+grid-preserving operator such as Flatten or MaxPool).
 
 Totals: every constant tensor is counted once, in the first role that applies: *integer weight* (the ``q`` input of
 a DequantizeLinear), *quantization parameter* (a scale or zero point of a QuantizeLinear/DequantizeLinear), *float*

@@ -10,16 +10,19 @@ from quantrain.config.fusion import plan_fusions
 from quantrain.config.presets import deployable_config_list
 from quantrain.config.resolve import resolve
 from quantrain.demo import build_model
+from quantrain.graph import capture
 
 
-def _sources(model, config, auto=True):
+def _sources(model, config, example, auto=True):
     entries = parse_config_list(config)
-    plans = plan_fusions(model, entries, resolve(model, entries), auto=auto)
-    return plan_bias_sources(model, plans)
+    plans = resolve(model, entries)
+    graph = capture(model, example, units=frozenset(plan.name for plan in plans))
+    plans = plan_fusions(model, entries, plans, auto=auto, graph=graph)
+    return plan_bias_sources(model, plans, graph)
 
 
 def test_the_demo_model_finds_every_source_through_folded_bn_pooling_and_flatten():
-    sources, missing = _sources(build_model(), deployable_config_list(8, 8))
+    sources, missing = _sources(build_model(), deployable_config_list(8, 8), torch.randn(1, 1, 8, 8))
     assert missing == ()
     assert sources == (
         BiasSource("0", "0", "_input_0"),  # the first conv: its own input quantizer
@@ -45,11 +48,11 @@ class _Functional(nn.Module):
 
 def test_functional_grid_preserving_ops_are_followed_and_others_stop_the_search():
     config = deployable_config_list(8, 8, input_module="conv", op_types=("Conv2d", "Linear"))
-    sources, missing = _sources(_Functional(), config)
+    sources, missing = _sources(_Functional(), config, torch.randn(2, 1, 10, 10))
     # fc reads an average pool nobody quantizes, head reads a sigmoid: both keep a float bias.
     assert sources == (BiasSource("conv", "conv", "_input_0"),) and missing == ("fc", "head")
     with_pool = deployable_config_list(8, 8, input_module="conv", output_op_types=("AdaptiveAvgPool2d",))
-    sources, missing = _sources(_Functional(), with_pool)
+    sources, missing = _sources(_Functional(), with_pool, torch.randn(2, 1, 10, 10))
     assert BiasSource("fc", "pool", "_output_0") in sources and missing == ("head",)
 
 
@@ -60,7 +63,7 @@ def test_layers_without_a_bias_or_with_their_own_bias_quantizer_need_no_source()
         {"op_names": ["1"], "target_names": ["_input_", "weight", "bias"]},
     ]
 
-    assert _sources(model, config) == ((), ())
+    assert _sources(model, config, torch.randn(1, 4)) == ((), ())
 
 
 def test_a_per_channel_input_quantizer_is_not_a_source():
@@ -72,4 +75,4 @@ def test_a_per_channel_input_quantizer_is_not_a_source():
             "target_settings": {"_input_": {"granularity": "per_channel"}},
         }
     ]
-    assert _sources(model, config) == ((), ("0",))
+    assert _sources(model, config, torch.randn(1, 4)) == ((), ("0",))

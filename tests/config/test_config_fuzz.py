@@ -966,7 +966,13 @@ def check_quantized_run(
 def quantize(model: nn.Module, case_or_config) -> QATQuantizer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # entries that select nothing, or that an earlier entry overrides, only warn
-        return QATQuantizer(model, case_or_config.config_list, fuse=case_or_config.fuse, integer_bias=case_or_config.integer_bias)
+        return QATQuantizer(
+            model,
+            case_or_config.config_list,
+            fuse=case_or_config.fuse,
+            integer_bias=case_or_config.integer_bias,
+            example_inputs=make_input(case_or_config.model) if case_or_config.model in MODELS else None,
+        )
 
 
 def run_case(case: Case) -> str:
@@ -1123,8 +1129,8 @@ class ScaledReLU(nn.Module):
 
 
 def test_tracing_leaves_no_tensor_constant_on_the_model():
-    """Regression: planning fusions traced the model with torch.fx, which left ``_tensor_constant0`` on it, also when
-    the config was then rejected."""
+    """Regression: planning fusions once traced the model with torch.fx, which left ``_tensor_constant0`` on it, also
+    when the config was then rejected; capturing the graph must leave the model as it was too."""
     model = ScaledReLU()
     before = snapshot(model)
     twice = [{"op_names": ["fc"], "target_names": ["_output_"], "fuse_names": [("fc", "relu"), ("fc", "relu")]}]

@@ -44,7 +44,7 @@ def trained(digits):
     torch.manual_seed(0)
     x_train, y_train, _, _ = digits
     model = _train(build_model(), x_train, y_train)
-    quantizer = QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40)
+    quantizer = QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40, example_inputs=torch.zeros(1, 1, 8, 8))
     _train(model, x_train, y_train)
     return model, quantizer
 
@@ -116,7 +116,9 @@ def _logits_differing(integer_bias, digits, path):
     torch.manual_seed(0)
     x_train, y_train, x_test, _ = digits
     model = _train(build_model(), x_train, y_train)
-    QATQuantizer(model, _config(), fuse="auto", freeze_bn_step=40, integer_bias=integer_bias)
+    QATQuantizer(
+        model, _config(), fuse="auto", freeze_bn_step=40, integer_bias=integer_bias, example_inputs=torch.zeros(1, 1, 8, 8)
+    )
     _train(model, x_train, y_train)
     export_onnx(model, x_test[:2], path)
     produced = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_0": x_test.numpy()})[0]
@@ -146,7 +148,7 @@ def test_the_batch_dimension_is_dynamic(exported, digits):
 def test_sub_8_bit_weights_are_int8_containers_and_activation_differences_are_reported(digits, tmp_path):
     torch.manual_seed(0)
     model = build_model()
-    QATQuantizer(model, _config(weight_bits=4, activation_dtype="int4"), fuse="auto")
+    QATQuantizer(model, _config(weight_bits=4, activation_dtype="int4"), fuse="auto", example_inputs=torch.zeros(1, 1, 8, 8))
     _train(model, digits[0], digits[1], steps=5)
     report = export_onnx(model, digits[2][:2], tmp_path / "w4.onnx")
     assert any("int4 is exported in int8" in note for note in report.notes)

@@ -153,7 +153,7 @@ def _train(fuse, steps: int = 4) -> dict[str, torch.Tensor]:
         {"op_types": ["Linear"], "target_names": ["_input_", "weight", "_output_"], "quant_dtype": "uint8",
          "quant_scheme": "affine"},
     ]  # fmt: skip
-    QATQuantizer(model, config, fuse=fuse)
+    QATQuantizer(model, config, fuse=fuse, example_inputs=torch.zeros(1, 1, 8, 8))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(steps):
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))

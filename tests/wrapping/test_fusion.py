@@ -191,7 +191,7 @@ class NotAChain(nn.Module):
 
 class Untraceable(NotAChain):
     def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+        if x.sum() > 0:  # data-dependent control flow: torch.export cannot capture it
             x = x * 2
         return self.bn(self.conv(x) + 1.0)
 
@@ -200,13 +200,20 @@ def test_non_consecutive_fuse_names_fail_before_anything_changes():
     model = NotAChain()
     keys = list(model.state_dict())
     with pytest.raises(ValueError, match=r"config_list\[0\]: key 'fuse_names': \('conv', 'bn'\) is not a chain"):
-        QATQuantizer(model, [{"op_names": ["conv"], "target_names": ["weight"], "fuse_names": [("conv", "bn")]}])
+        QATQuantizer(
+            model,
+            [{"op_names": ["conv"], "target_names": ["weight"], "fuse_names": [("conv", "bn")]}],
+            example_inputs=torch.randn(1, 1, 5, 5),
+        )
     assert type(model.conv) is nn.Conv2d and type(model.bn) is nn.BatchNorm2d and list(model.state_dict()) == keys
 
 
-def test_untraceable_non_consecutive_fusion_is_caught_at_the_first_forward():
-    model = Untraceable()
-    QATQuantizer(model, [{"op_names": ["conv"], "target_names": ["weight"], "fuse_names": [("conv", "bn")]}])
+@pytest.mark.parametrize("model_class, example", [(NotAChain, None), (Untraceable, torch.randn(1, 1, 5, 5))])
+def test_a_non_consecutive_fusion_without_a_graph_is_caught_at_the_first_forward(model_class, example):
+    model = model_class()  # no example input, or one torch.export cannot follow: the chain is checked when it runs
+    QATQuantizer(
+        model, [{"op_names": ["conv"], "target_names": ["weight"], "fuse_names": [("conv", "bn")]}], example_inputs=example
+    )
     with pytest.raises(ValueError, match="must receive the output of 'conv'"):
         model(torch.randn(1, 1, 5, 5))
 
@@ -260,19 +267,23 @@ def test_fuse_auto_finds_conv_bn_and_relu_chains():
             "quant_scheme": "affine",
         }
     ]
-    quantizer = QATQuantizer(model, config, fuse="auto")
+    quantizer = QATQuantizer(model, config, fuse="auto", example_inputs=torch.randn(1, 3, 6, 6))
     fusions = {f.group: (f.bn is not None, f.activation) for f in quantizer.fusions()}
     assert fusions == {("conv1", "bn1"): (True, "relu"), ("conv2", "bn2"): (True, None)}
     out = model(torch.randn(2, 3, 6, 6))
     assert out.shape == (2, 2) and model.conv1.fake_quant["_output_0"].observer.tracked_min.item() == 0.0
 
 
-def test_fuse_auto_default_is_off_and_untraceable_models_warn_and_fall_back():
+def test_fuse_auto_default_is_off_and_a_model_without_a_graph_is_refused_untouched():
     assert list(QATQuantizer(Block(), [{"op_types": ["Conv2d"]}]).fusions()) == []
     model = Untraceable()
-    with pytest.warns(UserWarning, match=r"fuse='auto': could not trace Untraceable with torch.fx \(TraceError"):
-        quantizer = QATQuantizer(model, [{"op_names": ["conv"], "target_names": ["weight"]}], fuse="auto")
-    assert list(quantizer.fusions()) == []
+    keys = list(model.state_dict())
+    config = [{"op_names": ["conv"], "target_names": ["weight"]}]
+    with pytest.raises(ValueError, match=r"fuse='auto' finds the chains to fold in the model's graph.*pass example_inputs="):
+        QATQuantizer(model, config, fuse="auto")
+    with pytest.raises(ValueError, match=r"could not capture the graph of Untraceable with torch.export \(\w+"):
+        QATQuantizer(model, config, fuse="auto", example_inputs=torch.randn(1, 1, 5, 5))
+    assert type(model.conv) is nn.Conv2d and list(model.state_dict()) == keys and not hasattr(model, "quantrain_step")
 
 
 def test_bad_fuse_argument():
@@ -294,7 +305,7 @@ class Residual(nn.Module):
 def test_fuse_auto_quantizes_a_residual_add_after_its_relu():
     model = Residual()
     config = [{"op_types": ["Add"], "quant_dtype": "uint8", "quant_scheme": "affine"}]
-    quantizer = QATQuantizer(model, config, fuse="auto")
+    quantizer = QATQuantizer(model, config, fuse="auto", example_inputs=torch.randn(1, 2, 5, 5))
     assert [(f.group, f.activation) for f in quantizer.fusions()] == [(("add", "relu"), "relu")]
     out = model(torch.randn(4, 2, 5, 5))
     fq = model.add.fake_quant["_output_0"]
@@ -334,7 +345,7 @@ def test_the_output_quantizer_applying_the_fused_activation_gives_the_same_numbe
         with monkeypatch.context() as patch:
             if not merged:  # force the unmerged path: activation in the fusion, then the output quantizer
                 patch.setattr(quantized_module, "_SINGLE_OUTPUT", ())
-            QATQuantizer(model, config, fuse="auto", freeze_bn_step=2)
+            QATQuantizer(model, config, fuse="auto", freeze_bn_step=2, example_inputs=torch.randn(1, 2, 6, 6))
             grads, outputs = [], []
             for step in range(3):
                 x = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(step)) * 3

@@ -62,8 +62,9 @@ def test_the_gradient_of_the_bias_passes_straight_through():
 def test_the_folded_bias_of_every_demo_layer_is_on_its_grid_in_eval():
     torch.manual_seed(0)
     model = build_model()
-    quantizer = QATQuantizer(model, deployable_config_list(8, 8), fuse="auto", integer_bias=True)
-    model(torch.rand(32, 1, 8, 8) * 16)
+    example = torch.rand(32, 1, 8, 8) * 16
+    quantizer = QATQuantizer(model, deployable_config_list(8, 8), fuse="auto", integer_bias=True, example_inputs=example)
+    model(example)
     model.eval()
     seen = {}
     for name, module in quantizer.quantized_modules.items():
@@ -89,7 +90,7 @@ def test_before_quantization_starts_the_bias_is_untouched():
 def test_unwrapping_forgets_the_link_and_from_compressor_keeps_the_option():
     torch.manual_seed(0)
     model = build_model()
-    ptq = PtqQuantizer(model, deployable_config_list(8, 8), fuse="auto", integer_bias=True)
+    ptq = PtqQuantizer(model, deployable_config_list(8, 8), fuse="auto", integer_bias=True, example_inputs=torch.rand(1, 1, 8, 8))
     ptq.track_forward(torch.rand(8, 1, 8, 8))
     qat = QATQuantizer.from_compressor(ptq, deployable_config_list(8, 8), fuse="auto")
     assert qat.integer_bias and model[8]._bias_scales[0] is model[3].fake_quant["_output_0"]
@@ -104,8 +105,18 @@ def test_a_layer_whose_input_is_not_quantized_keeps_a_float_bias_with_a_warning(
         {"op_names": ["2"], "target_names": ["weight"]},
     ]
     with pytest.warns(UserWarning, match="integer_bias: the input of 2 is not known"):
-        QATQuantizer(model, config, integer_bias=True)
+        QATQuantizer(model, config, integer_bias=True, example_inputs=torch.randn(1, 4))
     assert model[2]._bias_scales is None
+
+
+def test_a_layer_whose_input_scale_needs_the_graph_without_an_example_is_refused_untouched():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    config = [{"op_types": ["Linear"], "target_names": ["weight", "_output_"]}]
+    with pytest.raises(ValueError, match=r"^integer_bias finds which quantizer feeds 0, 2 in the model's graph.*example_inputs="):
+        QATQuantizer(model, config, integer_bias=True)
+    assert type(model[0]) is nn.Linear and not hasattr(model, "quantrain_step")
+    QATQuantizer(model, config, integer_bias=True, example_inputs=torch.randn(1, 4))
+    assert model[2]._bias_scales[0] is model[0].fake_quant["_output_0"] and model[0]._bias_scales is None
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])

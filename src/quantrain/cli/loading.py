@@ -123,7 +123,11 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     return target
 
 
-def quantized_model(spec: str, config_list: list[dict[str, Any]], options: dict[str, Any], config_path: str) -> Any:
+def quantized_model(
+    spec: str, config_list: list[dict[str, Any]], options: dict[str, Any], config_path: str, example_inputs: Any = None
+) -> Any:
+    """The model from the factory ``spec``, quantized by the spec's config_list and options; ``example_inputs``
+    (the first inputs of ``--data``) are what quantrain captures the model's graph from."""
     from torch import nn
 
     from quantrain.qat import QATQuantizer
@@ -135,8 +139,12 @@ def quantized_model(spec: str, config_list: list[dict[str, Any]], options: dict[
         raise CliError(f"--model {spec!r}: {spec.rpartition(':')[2]}() raised {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise CliError(f"--model {spec!r}: returned {type(model).__name__}, not a torch.nn.Module")
+    from quantrain.graph import CaptureError
+
     try:
-        QATQuantizer(model, config_list, **options)
+        QATQuantizer(model, config_list, **options, example_inputs=example_inputs)
+    except CaptureError as exc:
+        raise CliError(f"--data: the model's graph could not be captured from the first input: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise CliError(f"--config {config_path}: does not fit the model from {spec}: {exc}") from None
     return model

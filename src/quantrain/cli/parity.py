@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     check_onnx(args.onnx)
     inputs = load_inputs(args.data)
-    model = quantized_model(args.model, config_list, options, args.config)
+    model = quantized_model(args.model, config_list, options, args.config, tuple(x[:1] for x in inputs))
     load_checkpoint(model, args.checkpoint)
     model.eval()
     count = len(inputs[0])

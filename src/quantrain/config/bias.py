@@ -3,24 +3,22 @@
 An integer engine (the paper, section 2.4; ONNX Runtime's QLinearConv and QGemm) stores a layer's bias as int32 with
 scale ``S_in * S_w`` and zero point 0. To train and evaluate exactly what it will run, the layer must know ``S_in``:
 the scale of the activation quantizer whose output it consumes. That is its own ``_input_`` quantizer, or else the
-``_output_`` quantizer of the module upstream, found by tracing the model with ``torch.fx`` and walking back through
-operations that keep values on the same grid (max pooling, ReLU, reshapes, dropout, and the BatchNorm/activation a
-fusion folds away). Reads the model, never changes it.
+``_output_`` quantizer of the module upstream, found in the model's graph (:mod:`quantrain.graph`) by walking back
+through operations that keep values on the same grid (max pooling, ReLU, reshapes, dropout, and the
+BatchNorm/activation a fusion folds away). Reads the model, never changes it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from quantrain.config.fusion import trace
 from quantrain.config.resolve import ModulePlan, TargetKind
 from quantrain.config.settings import GranularityKind
+from quantrain.graph import Call, CallKind, ModelGraph
 
-__all__ = ["BiasSource", "plan_bias_sources"]
+__all__ = ["BiasSource", "needs_graph", "plan_bias_sources"]
 
 INPUT, OUTPUT = "_input_0", "_output_0"
 GRID_MODULES = (
@@ -34,19 +32,33 @@ GRID_MODULES = (
     nn.Dropout2d,
     nn.Identity,
 )
-GRID_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    torch.relu,
-    torch.squeeze,
-    torch.unsqueeze,
-    F.relu,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.dropout,
-}
-GRID_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "squeeze", "unsqueeze"}
+GRID_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "flatten",
+        "squeeze",
+        "unsqueeze",
+        "permute",
+        "transpose",
+        "t",
+        "contiguous",
+        "clone",
+        "alias",
+        "relu",
+        "relu_",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool2d_with_indices",
+        "dropout",
+        "getitem",
+        "chunk",
+        "split",
+    }
+)
+"""Ops whose output values are input values (or zero), so they stay on a per-tensor quantization grid."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,18 @@ class BiasSource:
     target: str
 
 
-def plan_bias_sources(model: nn.Module, plans: tuple[ModulePlan, ...]) -> tuple[tuple[BiasSource, ...], tuple[str, ...]]:
+def needs_graph(model: nn.Module, plans: tuple[ModulePlan, ...]) -> list[str]:
+    """The layers whose integer bias needs the graph: a quantized weight, a float bias and no ``_input_`` target."""
+    modules = dict(model.named_modules())
+    return [plan.name for plan in plans if _has_float_bias(plan, modules[plan.name]) and _target(plan, INPUT) is None]
+
+
+def plan_bias_sources(
+    model: nn.Module, plans: tuple[ModulePlan, ...], graph: ModelGraph | None = None
+) -> tuple[tuple[BiasSource, ...], tuple[str, ...]]:
     """For every planned layer with a quantized weight and a float bias: where its input scale comes from.
 
+    ``graph`` (the model's, with the planned modules as units) is needed for the layers :func:`needs_graph` lists.
     Returns the sources found and the names of the layers whose input is not known to be quantized per tensor (they
     keep a float bias).
     """
@@ -69,14 +90,10 @@ def plan_bias_sources(model: nn.Module, plans: tuple[ModulePlan, ...]) -> tuple[
     layers = [plan for plan in plans if _has_float_bias(plan, modules[plan.name])]
     if not layers:
         return (), ()
-    graph = None
-    if any(_target(plan, INPUT) is None for plan in layers):
-        graph, _ = trace(model, frozenset(planned))
-    calls = _calls(graph) if graph is not None else {}
     passes = _fused_away(plans)
     sources, missing = [], []
     for plan in layers:
-        source = _source(plan, calls, planned, modules, passes)
+        source = _source(plan, graph, planned, passes)
         if source is None:
             missing.append(plan.name)
         else:
@@ -110,49 +127,41 @@ def _fused_away(plans: tuple[ModulePlan, ...]) -> frozenset[str]:
     return frozenset(name for plan in plans if plan.fusion is not None for name in plan.fusion.group[1:])
 
 
-def _calls(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    calls: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
-    return calls
-
-
 def _source(
-    plan: ModulePlan,
-    calls: dict[str, list[fx.Node]],
-    planned: dict[str, ModulePlan],
-    modules: dict[str, nn.Module],
-    passes: frozenset[str],
+    plan: ModulePlan, graph: ModelGraph | None, planned: dict[str, ModulePlan], passes: frozenset[str]
 ) -> BiasSource | None:
     if _target(plan, INPUT) is not None:
         return BiasSource(plan.name, plan.name, INPUT) if _per_tensor_activation(plan, INPUT) else None
-    nodes = calls.get(plan.name, [])
-    if len(nodes) != 1 or not nodes[0].args or not isinstance(nodes[0].args[0], fx.Node):
+    calls = graph.module_calls(plan.name) if graph is not None else []
+    if len(calls) != 1 or not calls[0].inputs:
         return None
-    node = nodes[0].args[0]
+    call = calls[0].inputs[0]
     while True:
-        if node.op == "call_module" and node.target in planned and _target(planned[node.target], OUTPUT) is not None:
-            target_plan = planned[node.target]
-            return BiasSource(plan.name, node.target, OUTPUT) if _per_tensor_activation(target_plan, OUTPUT) else None
-        upstream = _grid_preserving_input(node, modules, passes)
+        if call.kind is CallKind.MODULE and call.target in planned and _target(planned[call.target], OUTPUT) is not None:
+            target_plan = planned[call.target]
+            return BiasSource(plan.name, call.target, OUTPUT) if _per_tensor_activation(target_plan, OUTPUT) else None
+        upstream = _grid_preserving_input(call, passes)
         if upstream is None:
             return None
-        node = upstream
+        call = upstream
 
 
-def _grid_preserving_input(node: fx.Node, modules: dict[str, nn.Module], passes: frozenset[str]) -> fx.Node | None:
-    """The node whose values ``node`` passes on unchanged in grid (same scale), or ``None``."""
-    if node.op == "call_module":
-        if node.target in passes or isinstance(modules.get(node.target), GRID_MODULES):
-            return _first_node(node)
-    elif (node.op == "call_function" and node.target in GRID_FUNCTIONS) or (
-        node.op == "call_method" and node.target in GRID_METHODS
-    ):
-        return _first_node(node)
-    return None
+def _grid_preserving_input(call: Call, passes: frozenset[str]) -> Call | None:
+    """The call whose values ``call`` passes on unchanged in grid (same scale), or ``None``."""
+    if call.kind is CallKind.MODULE:
+        kind = getattr(call.module_type, "_float_class", call.module_type)
+        grid = call.target in passes or (kind is not None and issubclass(kind, GRID_MODULES))
+    else:
+        grid = call.kind is CallKind.OP and (call.target in GRID_OPS or _zero_padding(call))
+    return call.inputs[0] if grid and call.inputs else None
 
 
-def _first_node(node: fx.Node) -> fx.Node | None:
-    first = node.args[0] if node.args else None
-    return first if isinstance(first, fx.Node) else None
+def _zero_padding(call: Call) -> bool:
+    """``F.pad(x, pads)`` with zeros (real zero is on every grid quantrain makes)."""
+    if call.target == "constant_pad_nd":
+        return len(call.constants) < 2 or not call.constants[1]
+    if call.target == "pad":
+        mode = call.constants[1] if len(call.constants) > 1 else "constant"
+        value = call.constants[2] if len(call.constants) > 2 else None
+        return mode == "constant" and not value
+    return False

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantrain.config.parse import ConfigEntry
-from quantrain.config.settings import TargetSettings
+from quantrain.config.settings import GranularityKind, TargetSettings, shown
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -24,7 +24,10 @@ __all__ = [
     "float_type",
     "TargetKind",
     "TargetPlan",
+    "WEIGHT_AXES",
+    "out_channel_axis",
     "register_default_targets",
+    "register_weight_axis",
     "resolve",
 ]
 
@@ -52,8 +55,63 @@ DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
 
 
 def register_default_targets(module_type: type[nn.Module], target_names: tuple[str, ...]) -> None:
-    """Give ``module_type`` default targets, so config entries selecting it may omit ``target_names``."""
+    """Give ``module_type`` default targets, so config entries selecting it may omit ``target_names``.
+
+    Where its weights hold their output channels on another dim than 0 (a weight stored ``(in, out)``), say so with
+    :func:`register_weight_axis`, so that granularity ``'out_channel'`` splits that dim.
+    """
     DEFAULT_TARGETS[module_type] = tuple(target_names)
+
+
+WEIGHT_AXES: dict[type[nn.Module] | str, int] = {
+    **dict.fromkeys((nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding), 0),
+    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), 1),  # (in, out / groups, *kernel)
+    "transformers.pytorch_utils.Conv1D": 1,  # GPT-2's layer: weight (in_features, out_features), y = x @ W + b
+}
+"""The output-channel axis of each module type's weights, which granularity ``'out_channel'`` splits; subclasses
+inherit it, and types not listed use 0. A string key is a class's ``module.qualname``, matched by name, so
+``transformers`` is not imported to recognise its ``Conv1D``."""
+
+
+def register_weight_axis(module_type: type[nn.Module] | str, axis: int) -> None:
+    """Say that ``module_type``'s weights hold their output channels on dim ``axis``, so that granularity
+    ``'out_channel'`` gives them one scale per index of that dim (the scale's shape is the weight's with every other
+    dim 1; ONNX export uses it as DequantizeLinear's ``axis``, and ``integer_bias`` pairs each output channel's bias
+    with its scale). Subclasses inherit it.
+
+    ``module_type`` is a module class, or the ``"package.module.QualName"`` of one, for a class whose package
+    should not be imported for this. The axis applies to the module's parameters with more than one dim; a 1-D
+    parameter (a bias, a norm's affine weight) has one entry per channel on dim 0. Defaults: 0 (Linear, Conv,
+    Embedding and any other module), 1 (ConvTranspose, whose weight is ``(in, out / groups, *kernel)``, and
+    ``transformers.pytorch_utils.Conv1D``, whose weight is ``(in_features, out_features)``).
+
+    >>> class TransposedLinear(nn.Module):  # weight (in, out): y = x @ W + b
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.weight, self.bias = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.zeros(6))
+    >>> register_weight_axis(TransposedLinear, 1)
+    >>> out_channel_axis(TransposedLinear())
+    1
+    """
+    if not (isinstance(module_type, str) or (isinstance(module_type, type) and issubclass(module_type, nn.Module))):
+        raise TypeError(f"module_type must be a torch.nn.Module subclass or its dotted name, got {shown(module_type)}")
+    if isinstance(module_type, str) and "." not in module_type:
+        raise ValueError(f"a module type given by name is 'package.module.QualName', got {module_type!r}")
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
+        raise ValueError(f"axis must be a non-negative int (a dim of the weight), got {shown(axis)}")
+    WEIGHT_AXES[module_type] = axis
+
+
+def out_channel_axis(module: nn.Module) -> int:
+    """The output-channel axis of ``module``'s weights (see :data:`WEIGHT_AXES`): the first class of its MRO
+    registered by type or by ``module.qualname``; 0 when none is."""
+    for cls in float_type(module).__mro__:
+        axis = WEIGHT_AXES.get(cls)
+        if axis is None:
+            axis = WEIGHT_AXES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if axis is not None:
+            return axis
+    return 0
 
 
 class TargetKind(enum.Enum):
@@ -96,13 +154,23 @@ class ModulePlan:
     fusion: FusionPlan | None = None
 
 
-def resolve(model: nn.Module, entries: tuple[ConfigEntry, ...]) -> tuple[ModulePlan, ...]:
-    """Match ``entries`` to ``model``'s modules; the first entry that claims a (module, target) wins."""
+def resolve(
+    model: nn.Module, entries: tuple[ConfigEntry, ...], selected_counts: dict[int, int] | None = None
+) -> tuple[ModulePlan, ...]:
+    """Match ``entries`` to ``model``'s modules; the first entry that claims a (module, target) wins.
+
+    Selectors that name functional ops (see :mod:`quantrain.config.ops`) are left to :func:`~quantrain.config.ops.
+    plan_op_targets`; ``selected_counts``, when given, receives how many modules each entry selected."""
+    from quantrain.config.ops import entry_selects_ops
+
     modules = dict(model.named_modules())
+    module_types = {float_type(m).__name__ for m in modules.values()}
     claimed: dict[str, dict[str, TargetPlan]] = {}
     for entry in entries:
         selected = _select(entry, modules)
-        if not selected:
+        if selected_counts is not None:
+            selected_counts[entry.index] = len(selected)
+        if not selected and not entry_selects_ops(entry, module_types):
             warnings.warn(f"config_list[{entry.index}] selects no module of {type(model).__name__}", stacklevel=3)
         for name in selected:
             for plan in _targets(entry, name, modules[name]):
@@ -125,13 +193,26 @@ def resolve(model: nn.Module, entries: tuple[ConfigEntry, ...]) -> tuple[ModuleP
 
 
 def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
+    from quantrain.config.ops import is_op_name, is_op_type
+
+    module_types = {float_type(m).__name__ for m in modules.values()}
     for key in ("op_names", "exclude_op_names"):
         for name in getattr(entry, key):
-            if name not in modules:
+            if name not in modules and not is_op_name(name):
                 raise entry.error(ValueError, key, f"no module named {name!r} in the model{_suggest(name, modules)}")
     for key in ("op_types", "exclude_op_types"):
-        present = {float_type(m).__name__ for m in modules.values()} | {t.__name__ for t in DEFAULT_TARGETS}
+        present = module_types | {t.__name__ for t in DEFAULT_TARGETS}
         for type_name in getattr(entry, key):
+            if is_op_type(type_name, present):
+                cased = [name for name in present | set(dir(nn)) if name.lower() == type_name.lower()]
+                if cased and isinstance(getattr(nn, cased[0], None) or object, type):
+                    raise entry.error(
+                        ValueError,
+                        key,
+                        f"{type_name!r} is neither a module type in the model, a registered type, nor a torch.nn class "
+                        f"(did you mean {cased[0]!r}? lower-case op_types name functional ops, such as 'add')",
+                    )
+                continue  # an op (checked against the graph by quantrain.config.ops)
             if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
                 raise entry.error(
                     ValueError,
@@ -201,7 +282,7 @@ def _targets(entry: ConfigEntry, name: str, module: nn.Module) -> list[TargetPla
                     f"module {name!r} ({type(module).__name__}) has no parameter "
                     f"{target!r}; it has {sorted(k for k, v in module._parameters.items() if v is not None)}",
                 )
-            plans.append(_parameter_plan(entry, name, target, param, settings))
+            plans.append(_parameter_plan(entry, name, module, target, param, settings))
     return plans
 
 
@@ -221,9 +302,18 @@ def _setting_key(entry: ConfigEntry, target: str, key: str) -> str:
     return f"target_settings[{target!r}].{key}" if target in entry.target_settings else key
 
 
-def _parameter_plan(entry: ConfigEntry, name: str, target: str, param: torch.Tensor, settings: TargetSettings) -> TargetPlan:
+def _parameter_plan(
+    entry: ConfigEntry, name: str, module: nn.Module, target: str, param: torch.Tensor, settings: TargetSettings
+) -> TargetPlan:
+    axis = out_channel_axis(module) if param.dim() > 1 else 0
     try:
-        blocks = settings.granularity.block_shape(tuple(param.shape), activation=False)
+        if settings.granularity.kind is GranularityKind.OUT_CHANNEL and axis == 1 and _grouped_transpose(module):
+            raise ValueError(
+                f"with groups={module.groups}, {type(module).__name__} holds its output channels on dims 0 and 1 of "
+                f"its weight (shape {tuple(param.shape)}), which one axis of scales cannot follow; use 'default', "
+                f"or a block granularity such as {[1] + [-1] * (param.dim() - 1)} (one scale per index of dim 0)"
+            )
+        blocks = settings.granularity.block_shape(tuple(param.shape), activation=False, out_axis=axis)
     except ValueError as exc:
         raise entry.error(
             ValueError,
@@ -235,6 +325,10 @@ def _parameter_plan(entry: ConfigEntry, name: str, target: str, param: torch.Ten
             TypeError, "target_names", f"{name}.{target} is {param.dtype}, only floating-point tensors are quantized"
         )
     return TargetPlan(target, TargetKind.PARAMETER, settings, entry.index, blocks=blocks)
+
+
+def _grouped_transpose(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and module.groups != 1
 
 
 def _activation_plan(

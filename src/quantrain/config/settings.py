@@ -136,7 +136,10 @@ class Granularity:
     """Which elements share one scale and zero point.
 
     * ``default``: one for the whole tensor.
-    * ``out_channel``: one per index of dim 0 (parameters only; dim 0 of an activation is the batch).
+    * ``out_channel``: one per output channel of a parameter: per index of its module type's output-channel axis
+      (dim 0 of Linear, Conv and Embedding weights and of every 1-D parameter, dim 1 of ConvTranspose and Hugging Face
+      ``Conv1D`` weights; see :func:`quantrain.register_weight_axis`). Parameters only: dim 0 of an activation is the
+      batch.
     * ``in_channel`` / ``per_channel``: one per index of dim 1.
     * a list of block sizes, one per dim; ``-1`` means the whole dim (so ``[1, -1]`` on a matrix is one
       scale per row and ``[-1, 32]`` one scale per 32 consecutive columns).
@@ -184,11 +187,16 @@ class Granularity:
                 f"block granularity {list(self.block_sizes)} must start with -1 for an activation (dim 0 is the batch)"
             )
 
-    def block_shape(self, shape: tuple[int, ...], *, activation: bool) -> tuple[int, ...] | None:
+    def block_shape(self, shape: tuple[int, ...], *, activation: bool, out_axis: int = 0) -> tuple[int, ...] | None:
         """Block sizes resolved for a tensor of ``shape``; ``None`` means per tensor.
 
-        Whole dims keep the marker :data:`WHOLE`, so an activation whose batch size (or any other whole dim)
-        varies keeps the same scale shape. Raises ``ValueError`` when the granularity does not fit the shape.
+        ``out_axis`` is the parameter's output-channel axis, which ``out_channel`` splits (``(-1, 1)`` for a
+        ``(in_features, out_features)`` weight with ``out_axis=1``). Whole dims keep the marker :data:`WHOLE`, so an
+        activation whose batch size (or any other whole dim) varies keeps the same scale shape. Raises ``ValueError``
+        when the granularity does not fit the shape.
+
+        >>> Granularity.parse("out_channel").block_shape((4, 6), activation=False, out_axis=1)
+        (-1, 1)
         """
         kind = self.kind
         if kind is GranularityKind.PER_TENSOR:
@@ -196,7 +204,7 @@ class Granularity:
         if activation:
             self.check_activation()
         if kind is GranularityKind.OUT_CHANNEL:
-            return _axis_blocks(shape, 0)
+            return _axis_blocks(shape, out_axis)
         if kind in (GranularityKind.IN_CHANNEL, GranularityKind.PER_CHANNEL):
             return _axis_blocks(shape, 1)
         sizes = self.block_sizes

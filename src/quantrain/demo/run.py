@@ -200,7 +200,10 @@ def _qat(
     """QAT of ``model`` in place, driven by ``compress()``; returns the quantizer and its calibration config."""
     name = f"int{bits} QAT (fake-quant)"
     evaluator = TorchEvaluator(
-        phases.training_func(name, qat_epochs, offset, seed, model), torch.optim.Adam(model.parameters(), lr=5e-4), training_step
+        phases.training_func(name, qat_epochs, offset, seed, model),
+        torch.optim.Adam(model.parameters(), lr=5e-4),
+        training_step,
+        dummy_input=phases.x_train[:2],  # the example from which quantrain captures the model's graph
     )
     # fuse="auto" folds each BatchNorm (and the ReLU after it) into its convolution, as an integer engine runs it;
     # BatchNorm statistics freeze for the last fifth of QAT, so the end of training sees the deployed arithmetic;

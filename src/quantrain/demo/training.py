@@ -109,7 +109,7 @@ def warm_up(dataset: str, x: torch.Tensor, y: torch.Tensor, bits: int) -> float:
         model = build_model(dataset)
         quantizer = None
         if quantize:  # the demo's settings, with BatchNorm frozen for the last step: every code path QAT takes
-            options = {"fuse": "auto", "integer_bias": True, "freeze_bn_step": WARMUP_STEPS}
+            options = {"fuse": "auto", "integer_bias": True, "freeze_bn_step": WARMUP_STEPS, "example_inputs": x[:2]}
             quantizer = QATQuantizer(model, demo_config_list(bits), **options)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()

@@ -36,6 +36,7 @@ from torch import nn
 
 from quantrain.deploy.qdq import ExportActivation, ExportWeight
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.wrapping.op_points import OpPoint
 from quantrain.wrapping.quantized_module import is_quantized
 
 __all__ = ["ExportReport", "export_onnx"]
@@ -89,7 +90,7 @@ def export_onnx(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise TypeError("example_inputs must be a tensor or a tuple of tensors")
-    quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    quantized = {name: m for name, m in model.named_modules() if is_quantized(m) or isinstance(m, OpPoint)}
     if not quantized:
         raise ValueError(
             f"{type(model).__name__} has no quantrain quantizers: quantize it with QATQuantizer or "
@@ -97,10 +98,10 @@ def export_onnx(
         )
     report = ExportReport(str(path), quantized_layers=list(quantized))
     export_model = copy.deepcopy(model).eval()
-    for module in (m for m in export_model.modules() if is_quantized(m)):
+    for module in (m for m in export_model.modules() if is_quantized(m) or isinstance(m, OpPoint)):
         for target, fq in list(module.fake_quant.items()):
             module.fake_quant[target] = _export_module(fq, report)
-    fold_remaining_batchnorms(export_model, report)
+    fold_remaining_batchnorms(export_model, report, inputs)
     with torch.no_grad():
         outputs = export_model(*inputs)  # records each weight's integers
     count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
@@ -144,32 +145,43 @@ def export_onnx(
     if weight_dtype == "uint8" and store_weights_unsigned(graph_model.graph):
         prune_unused(graph_model.graph)
     report.weight_dtype = weight_dtype
+    unique_node_names(graph_model.graph)  # e.g. the pairs inserted after two calls of one reused operator
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
     return report
 
 
-def fold_remaining_batchnorms(model: nn.Module, report: ExportReport) -> None:
+def fold_remaining_batchnorms(model: nn.Module, report: ExportReport, example_inputs: tuple = ()) -> None:
     """Fold each BatchNorm that directly follows a quantized Conv/Linear but was not folded during training.
 
     The folded weight ``w * s`` gets the per-channel scale ``scale * |s|``, so its integers are exactly the trained
     ones (sign flipped where ``s < 0``); the bias becomes ``beta + (b - running_mean) * s``. A quantized output of the
     conv (taken before BatchNorm) has no counterpart after folding and is dropped. Warns naming the layers.
+    The model's graph is captured from ``example_inputs`` (see :mod:`quantrain.graph`) only when some quantized
+    Conv/Linear is not folded and the model has a BatchNorm.
     """
-    from quantrain.config.fusion import FOLDABLE, NORMS, trace
+    from quantrain.config.fusion import FOLDABLE, NORMS
+    from quantrain.graph import CallKind, CaptureError, capture
     from quantrain.wrapping.fusion import fold_factor, fold_parameters
 
     modules = dict(model.named_modules())
-    graph, _ = trace(model, frozenset(name for name, m in modules.items() if is_quantized(m)))
-    if graph is None:
+    unfolded = [m for m in modules.values() if is_quantized(m) and isinstance(m, FOLDABLE) and "fusion" not in m._modules]
+    if not unfolded or not any(isinstance(m, NORMS) for m in modules.values()):
+        return
+    try:
+        graph = capture(model, example_inputs, units=frozenset(name for name, m in modules.items() if is_quantized(m)))
+    except CaptureError as exc:  # the export computes the same without this: BatchNorms then stay separate operators
+        report.notes.append(f"BatchNorms after unfolded layers were left as they are: {exc}")
         return
     folded = []
-    for node in graph.nodes:
-        conv = modules.get(str(node.target)) if node.op == "call_module" else None
-        users = list(node.users)
+    for node in graph.calls:
+        conv = modules.get(node.target) if node.kind is CallKind.MODULE else None
+        users = node.users
         if not (is_quantized(conv) and isinstance(conv, FOLDABLE) and "fusion" not in conv._modules and len(users) == 1):
             continue
-        bn_name = str(users[0].target) if users[0].op == "call_module" else ""
+        if len(graph.module_calls(node.target)) != 1:
+            continue
+        bn_name = users[0].target if users[0].kind is CallKind.MODULE else ""
         bn = modules.get(bn_name)
         weight_fq = conv.fake_quant["weight"] if "weight" in conv.fake_quant else None  # noqa: SIM401 (ModuleDict)
         if not isinstance(bn, NORMS) or bn.running_var is None or not isinstance(weight_fq, ExportWeight):
@@ -326,24 +338,49 @@ def prune_unused(graph: onnx.GraphProto) -> int:
 
 
 def name_quantization_points(graph: onnx.GraphProto, labels: list[str]) -> bool:
-    """Name the k-th QuantizeLinear/DequantizeLinear pair on activations after the k-th label (``module.target``);
-    returns whether the counts matched (otherwise nothing is renamed)."""
+    """Name the k-th QuantizeLinear/DequantizeLinear pair on activations after the k-th label (``module.target``):
+    ``<label>/quantize`` and ``<label>/dequantize``, and for a point the forward calls again (a module reused, such
+    as torchvision's ``BasicBlock.relu``), ``<label>#<n>/quantize`` at its n-th repeated call (n = 1, 2, ...), so
+    names stay unique. Returns whether the counts matched (otherwise nothing is renamed)."""
     pairs = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     if len(pairs) != len(labels):
         return False
     consumers = {name: node for node in graph.node if node.op_type == "DequantizeLinear" for name in node.input[:1]}
+    seen: dict[str, int] = {}
     for quantize, label in zip(pairs, labels, strict=True):
-        quantize.name = f"{label}/quantize"
+        repeat = seen[label] = seen.get(label, -1) + 1
+        point = label if repeat == 0 else f"{label}#{repeat}"
+        quantize.name = f"{point}/quantize"
         dequantize = consumers.get(quantize.output[0])
         if dequantize is not None:
-            dequantize.name = f"{label}/dequantize"
+            dequantize.name = f"{point}/dequantize"
     return True
 
 
+def unique_node_names(graph: onnx.GraphProto) -> int:
+    """Rename each node whose (non-empty) name an earlier node already has, to ``<name>_<n>`` with the smallest
+    ``n >= 1`` not taken; ONNX Runtime refuses a model with two nodes of one name. Returns how many it renamed."""
+    taken = {node.name for node in graph.node}
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.node:
+        if node.name and node.name in seen:
+            n = 1
+            while f"{node.name}_{n}" in taken:
+                n += 1
+            node.name = f"{node.name}_{n}"
+            taken.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
 def drop_idle_relus(graph: onnx.GraphProto) -> int:
-    """Remove each ReLU whose input is dequantized with its zero point at the integer type's minimum: such values are
-    never negative, so the ReLU (typically a model's activation module after a fused, quantized output) does nothing.
-    Returns how many were removed."""
+    """Remove each Relu or Clip (with constant bounds) that leaves every value its DequantizeLinear input can produce
+    unchanged: those values are ``(q - zp) * scale`` for ``q`` in the integer type's range, so a Relu is idle when
+    the zero point is the type's minimum (no value is negative), and a Clip when ``[lo, hi]`` holds the whole range
+    (e.g. a model's own ReLU6 after a uint8 output with zero point 0 and ``255 * scale <= 6``). Returns how many
+    were removed."""
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
     producers = {output: node for node in graph.node for output in node.output}
@@ -351,9 +388,9 @@ def drop_idle_relus(graph: onnx.GraphProto) -> int:
     kept = []
     for node in graph.node:
         source = producers.get(renamed.get(node.input[0], node.input[0])) if node.input else None
-        if node.op_type == "Relu" and source is not None and source.op_type == "DequantizeLinear" and len(source.input) > 2:
-            zero_point = constants.get(source.input[2])
-            if zero_point is not None and zero_point.size == 1 and int(zero_point) == np.iinfo(zero_point.dtype).min:
+        if node.op_type in ("Relu", "Clip") and source is not None and source.op_type == "DequantizeLinear":
+            bounds = (0.0, np.inf) if node.op_type == "Relu" else _clip_bounds(node, constants)
+            if bounds is not None and _dequantized_within(source, constants, *bounds):
                 renamed[node.output[0]] = renamed.get(node.input[0], node.input[0])
                 continue
         kept.append(node)
@@ -366,6 +403,28 @@ def drop_idle_relus(graph: onnx.GraphProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return len(renamed)
+
+
+def _clip_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[float, float] | None:
+    """A Clip's ``(min, max)`` inputs (absent: unbounded); ``None`` when one is computed, not a constant."""
+    bounds = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        name = node.input[index] if len(node.input) > index else ""
+        if name and name not in constants:
+            return None
+        bounds.append(float(constants[name]) if name else default)
+    return bounds[0], bounds[1]
+
+
+def _dequantized_within(node: onnx.NodeProto, constants: dict[str, np.ndarray], low: float, high: float) -> bool:
+    """Whether every value DequantizeLinear ``node`` can produce, ``(q - zp) * scale`` in float32 for ``q`` in its
+    integer type's range, lies in ``[low, high]``."""
+    if len(node.input) < 3 or node.input[1] not in constants or node.input[2] not in constants:
+        return False
+    scale, zero_point = constants[node.input[1]].astype(np.float32), constants[node.input[2]]
+    info = np.iinfo(zero_point.dtype)
+    smallest, largest = ((np.int64(q) - zero_point.astype(np.int64)).astype(np.float32) * scale for q in (info.min, info.max))
+    return bool(np.all(smallest >= low) and np.all(largest <= high))
 
 
 def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -394,8 +453,9 @@ def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
         quantized = f"{original}_quantized"
 
         node.output[0] = f"{original}_float"
-        nodes.append(helper.make_node("QuantizeLinear", [node.output[0], scale, zero_point], [quantized], name=f"{node.name}_q"))
-        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [original], name=f"{node.name}_dq"))
+        base = node.name or original  # unique_node_names settles any clash left
+        nodes.append(helper.make_node("QuantizeLinear", [node.output[0], scale, zero_point], [quantized], name=f"{base}_q"))
+        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [original], name=f"{base}_dq"))
         producers[original] = nodes[-1]
         inserted.append(node)
 

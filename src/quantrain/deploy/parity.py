@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.graph import output_tensors
 
 __all__ = ["LayerParity", "OutputParity", "ParityReport", "check_parity"]
 
@@ -167,7 +168,7 @@ def _reference(model: nn.Module, inputs: tuple) -> tuple[list[np.ndarray], list[
         model.train(training)
         for handle in handles:
             handle.remove()
-    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    outputs = list(output_tensors(outputs))  # tuples, dicts, Hugging Face outputs: their tensors, in order
     return [o.detach().cpu().numpy() for o in outputs], [produced.get(id(o)) for o in outputs]
 
 

@@ -2,7 +2,8 @@
 export as exactly those operators.
 
 * :class:`ExportActivation`: ``DequantizeLinear(QuantizeLinear(x, scale, zp), scale, zp)``, with ONNX's semantics:
-  ``q = saturate(round(x / scale) + zp)`` to the 8-bit container (uint8 or int8).
+  ``q = saturate(round(x / scale) + zp)`` to the 8-bit container (uint8 or int8). A fused ReLU/ReLU6 is exported
+  before it as Relu/Clip only where that saturation does not already clamp to the same values.
 * :class:`ExportWeight`: ``DequantizeLinear(q, scale, zp)`` with ``q`` the integer weight stored as an int8/uint8
   initializer, computed once (in a recording forward) as training quantized it: ``clamp(round(w / scale + zp),
   qmin, qmax)``. Sub-8-bit weights are int8 containers holding the narrow values.
@@ -88,15 +89,35 @@ class ExportActivation(_ExportBase):
     """
 
     calls: list[str] | None = None
+    clamps_when_tracing = True
+    """A fused layer hands this quantizer its activation's clamp while the export traces it too (see
+    :class:`~quantrain.wrapping.quantized_module.QuantizedModule`): the clamp is then exported only where the
+    quantization does not already saturate to it (:meth:`saturates_to`)."""
 
     def forward(self, x: Tensor, clamp: tuple[float, float | None] | None = None) -> Tensor:
         if self.calls is not None:
             self.calls.append(self.label)
-        if clamp is not None:  # a fused ReLU/ReLU6 that the quantizer applied (see FakeQuantizer.forward)
+        # a fused ReLU/ReLU6 that the quantizer applied (see FakeQuantizer.forward), unless the saturation does it
+        if clamp is not None and not self.saturates_to(*clamp):
             x = torch.relu(x) if clamp == (0.0, None) else torch.clamp(x, *clamp)
         info = torch.iinfo(self.zero_point.dtype)
 
         return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.axis, info.min, info.max)
+
+    def saturates_to(self, lo: float, hi: float | None) -> bool:
+        """Whether quantizing already clamps to ``[lo, hi]``: ``q(lo)`` is the container's minimum and ``q(hi)`` its
+        maximum (``q(v) = round(v / scale) + zp``, checked with a margin of 0.001 from the rounding boundary), so
+        ``q(clamp(x, lo, hi)) = q(x)`` for every ``x`` and the export needs no Relu/Clip before the QuantizeLinear
+        (e.g. a ReLU6 before a uint8 quantizer with zero point 0 and ``255 * scale <= 6``)."""
+        key = (lo, hi)
+        cached = self.__dict__.setdefault("_saturates", {})
+        if key not in cached:
+            info = torch.iinfo(self.zero_point.dtype)
+            scale, zero_point = self.scale.double(), self.zero_point.double()
+            low = bool((lo / scale + zero_point <= info.min + 0.499).all())
+            high = hi is None or bool((hi / scale + zero_point >= info.max - 0.499).all())
+            cached[key] = low and high
+        return cached[key]
 
 
 class ExportWeight(_ExportBase):

@@ -232,11 +232,21 @@ class IntegerModel:
 
     # ---- layers ----------------------------------------------------------------------------------------------
 
-    def _weight(self, node, name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    def _weight(self, node, name: str, out_axis: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The integer weight, its scales and their axis; per-channel scales must lie along ``out_axis``, the
+        weight's output-channel dim (0 for Conv and for Gemm with transB, 1 for a MatMul or Gemm weight stored
+        ``(in, out)``), since the accumulator is requantized per output channel."""
         meta = self._meta.get(name)
         if not (isinstance(meta, tuple) and meta[0] == "weight"):
             raise ValueError(f"{self.path}: node {node.name!r} ({node.op_type}) needs a DequantizeLinear weight as {name!r}")
-        return self._const[name], meta[1], meta[2]
+        weight, scale, axis = self._const[name], meta[1], meta[2]
+        if scale.size > 1 and axis % weight.ndim != out_axis:
+            raise ValueError(
+                f"{self.path}: node {node.name!r} ({node.op_type}): its weight {name!r} of shape {weight.shape} is "
+                f"quantized per channel along axis {axis}, but its output channels are on axis {out_axis}; the "
+                "integer reference needs one scale per output channel"
+            )
+        return weight, scale, axis
 
     def _bias(self, node, index: int, scale: np.ndarray) -> Tensor | None:
         if len(node.input) <= index or not node.input[index]:
@@ -248,7 +258,7 @@ class IntegerModel:
 
     def _compile_Conv(self, node, attrs) -> None:
         x = self._quantized(node, node.input[0])
-        weight, w_scale, _ = self._weight(node, node.input[1])
+        weight, w_scale, _ = self._weight(node, node.input[1], out_axis=0)
         if weight.ndim != 4:
             raise ValueError(f"{self.path}: node {node.name!r}: only 2-D convolutions are supported")
         scale = x.scale * w_scale
@@ -276,7 +286,7 @@ class IntegerModel:
 
     def _matmul(self, node, transpose: bool) -> None:
         x = self._quantized(node, node.input[0])
-        weight, w_scale, _ = self._weight(node, node.input[1])
+        weight, w_scale, _ = self._weight(node, node.input[1], out_axis=0 if transpose else 1)
         w = torch.from_numpy(weight.T.copy() if transpose else weight)
         scale = x.scale * w_scale
         bias = self._bias(node, 2, scale)

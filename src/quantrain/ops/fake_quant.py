@@ -215,7 +215,9 @@ def integer_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Ten
     """The bias an integer engine adds to its int32 accumulator, in real units, with a straight-through gradient.
 
     ``b_hat = clamp(round(b / (S_in * S_w)), -2^31, 2^31 - 1) * S_in * S_w`` with ``S_in`` the (per tensor) input
-    scale and ``S_w`` the weight's scale, per tensor or one per output channel (any shape with that many elements).
+    scale and ``S_w`` the weight's scale, per tensor or one per output channel: any shape with that many elements,
+    in the bias's order, whichever axis of the weight holds them (a keepdim ``(1, out)`` scale of an ``(in, out)``
+    weight is flattened to ``(out,)``).
 
     >>> integer_bias(torch.tensor([0.3, -0.7]), torch.tensor(0.5), torch.tensor([0.5, 0.25])).tolist()
     [0.25, -0.75]

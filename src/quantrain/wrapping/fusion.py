@@ -2,9 +2,11 @@
 
 A fused layer keeps every module where it is. The conv (or linear) gets a ``fusion`` child and computes the whole
 chain; the BatchNorm becomes a pass-through (its class derived as ``Folded<Name>``) that checks it receives the
-conv's output; a ReLU module becomes a pass-through for the fused output (``Fused<Name>``; any other input it still
-rectifies), as in torch.ao, where the fused module's output goes straight to its output quantizer; a ReLU6 module
-is left alone (applying it again to the fused output changes nothing but a value rounded a hair above 6).
+conv's output; a ReLU or ReLU6 module becomes a pass-through for the fused output (``Fused<Name>``; any other input
+it still clamps), as in torch.ao, where the fused module's output goes straight to its output quantizer, which
+applies the activation's clamp (see ``CLAMPS``) and then quantizes. For ReLU6 that keeps the top of the range where
+rounding puts it: ``round(6 / s) * s``, up to half a step above 6, as the integer kernel of the export computes it
+(the export then has no float Clip after the layer).
 
 With ``s = gamma / sqrt(running_var + eps)`` (per output channel), the layer computes, while BN is live
 (training mode and not frozen), the paper's folding with the batch-statistics correction::
@@ -34,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from quantrain.distributed import synced_batch_norm, world_size
+from quantrain.graph import is_capturing
 from quantrain.ops import native
 from quantrain.ops.fake_quant import clamp_with_mask
 from quantrain.wrapping.derived import DerivedModule, derived_class, restore_class
@@ -41,6 +44,7 @@ from quantrain.wrapping.derived import DerivedModule, derived_class, restore_cla
 __all__ = [
     "ACTIVATIONS",
     "CLAMPS",
+    "FUSED_MODULES",
     "FoldedBatchNorm",
     "FusedReLU",
     "Fusion",
@@ -55,6 +59,8 @@ __all__ = [
 
 CLAMPS: dict[str, tuple[float, float | None]] = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
 """Each fusable activation as the clamp it is."""
+FUSED_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+"""The module type of each fusable activation that :func:`link_fused_relu` makes a pass-through."""
 
 
 def _keeps_mask(x: Tensor) -> bool:
@@ -189,6 +195,8 @@ class FoldedBatchNorm(DerivedModule):
     prefix = "Folded"
 
     def forward(self, input: Tensor) -> Tensor:
+        if is_capturing():  # the graph is the float model's (see quantrain.graph)
+            return self._float_class.forward(self, input)
         fusion: Fusion = self.__dict__["_fused_into"]
         if not fusion.produced(input):
             raise ValueError(
@@ -199,9 +207,11 @@ class FoldedBatchNorm(DerivedModule):
 
 
 class FusedReLU(DerivedModule):
-    """A ReLU fused into the layer before it: passes that layer's output through (it is already rectified, and its
-    quantized values are non-negative), and rectifies any other input, so a ReLU module reused elsewhere in the
-    forward still works. Skipping it keeps one activation-sized tensor fewer for backward."""
+    """A ReLU or ReLU6 fused into the layer before it: passes that layer's output through (already clamped, to
+    ``[0, inf)`` or ``[0, 6]``, then quantized: for ReLU6 the top level ``round(6 / s) * s`` may lie under half a
+    step above 6, and stays there, as in the integer kernel), and clamps any other input, so a module reused
+    elsewhere in the forward still works. Skipping it keeps one activation-sized tensor fewer for backward, and
+    leaves no float Relu/Clip after the layer in the ONNX export."""
 
     prefix = "Fused"
 

@@ -9,17 +9,27 @@ from torch import nn
 
 from quantrain.config.resolve import ModulePlan, TargetKind
 from quantrain.observer import RangeTracking
-from quantrain.wrapping.fusion import Fusion, link_folded_bn, link_fused_relu, unlink_folded_bn, unlink_fused_relu
+from quantrain.wrapping.fusion import (
+    FUSED_MODULES,
+    Fusion,
+    link_folded_bn,
+    link_fused_relu,
+    unlink_folded_bn,
+    unlink_fused_relu,
+)
+from quantrain.wrapping.op_points import OP_CHILD
 from quantrain.wrapping.quantized_module import CHILD_NAME, FUSION_NAME, attach, build_fake_quantizers, detach, is_quantized
 
 __all__ = ["OWNED_CHILDREN", "check_wrappable", "unwrap", "wrap"]
 
-OWNED_CHILDREN = (CHILD_NAME, FUSION_NAME)
-"""Children quantrain adds to a quantized module (their state_dict keys are quantrain's)."""
+OWNED_CHILDREN = (CHILD_NAME, FUSION_NAME, OP_CHILD)
+"""Children quantrain adds to a quantized module or to the scope module of a quantized op (their state_dict keys
+are quantrain's)."""
 
 
-def check_wrappable(model: nn.Module, plans: tuple[ModulePlan, ...] | None = None) -> None:
-    """Raise ``ValueError`` if the model is already quantized or a planned module lacks room for quantrain's children."""
+def check_wrappable(model: nn.Module, plans: tuple[ModulePlan, ...] | None = None, op_plans: tuple = ()) -> None:
+    """Raise ``ValueError`` if the model is already quantized or a planned module (or the scope module of a planned
+    op) lacks room for quantrain's children."""
     modules = dict(model.named_modules())
     for name, module in modules.items():
         if is_quantized(module):
@@ -31,6 +41,11 @@ def check_wrappable(model: nn.Module, plans: tuple[ModulePlan, ...] | None = Non
         for child in OWNED_CHILDREN:
             if hasattr(modules[plan.name], child):
                 raise ValueError(f"module {plan.name!r} already has an attribute {child!r}, which quantrain needs")
+    for plan in op_plans:
+        scope = modules[plan.call.scope]
+        if hasattr(scope, OP_CHILD):
+            where = f"module {plan.call.scope!r}" if plan.call.scope else type(model).__name__
+            raise ValueError(f"{where} already has an attribute {OP_CHILD!r}, which quantrain needs for op {plan.name!r}")
 
 
 def wrap(
@@ -50,8 +65,9 @@ def wrap(
                 if bn is not None:
                     link_folded_bn(bn, fusion)
                 relu_name = plan.fusion.group[-1]
-                relu = modules[relu_name] if plan.fusion.activation == "relu" and relu_name not in wrapped else None
-                if type(relu) is nn.ReLU:  # a plain ReLU module (one quantrain quantizes itself applies ReLU again)
+                relu = modules[relu_name] if relu_name not in wrapped else None
+                # a plain ReLU/ReLU6 module (one quantrain quantizes itself applies its activation again)
+                if plan.fusion.activation is not None and type(relu) is FUSED_MODULES[plan.fusion.activation]:
                     link_fused_relu(relu, fusion)
     except BaseException:
         unwrap(wrapped)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from quantrain.config.resolve import ModulePlan, TargetKind, TargetPlan
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.graph import is_capturing
 from quantrain.observer import RangeTracking
 from quantrain.ops.fake_quant import integer_bias
 from quantrain.ops.ranges import block_layout
@@ -59,15 +60,22 @@ class QuantizedModule(DerivedModule):
     _bias_scales: tuple[FakeQuantizer, FakeQuantizer] | None = None  # (input, weight) quantizers: see integer_bias
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if is_capturing():  # the graph is the float model's (see quantrain.graph)
+            return self.float_forward({}, *args, **kwargs)
         fake_quant = self.fake_quant
         if self._quant_inputs:
             args, kwargs = _quantize_inputs(fake_quant, self._quant_inputs, args, kwargs)
         fusion = self._modules.get(FUSION_NAME)
         if fusion is None:
             output = self.float_forward(self.quantized_parameters(), *args, **kwargs)
-        elif fusion.activation is not None and self._quant_outputs == _SINGLE_OUTPUT and not torch.jit.is_tracing():
+        elif (
+            fusion.activation is not None
+            and self._quant_outputs == _SINGLE_OUTPUT
+            and (not torch.jit.is_tracing() or getattr(fake_quant["_output_0"], "clamps_when_tracing", False))
+        ):
             # The fused activation is a clamp: the output quantizer applies it, keeping one mask for both. (Not while
-            # torch.jit.trace records: that path's ops depend on the grad mode, which its check run changes.)
+            # torch.jit.trace records, where that path's ops depend on the grad mode, which its check run changes;
+            # except for the ONNX export's quantizers, whose clamp is plain and can be left to the saturation.)
             pre_activation = fusion.linear_forward(self, *args, **kwargs)
             output = fake_quant["_output_0"](_tensor(fake_quant["_output_0"], pre_activation), CLAMPS[fusion.activation])
             fusion.record(output)
@@ -104,6 +112,13 @@ class QuantizedModule(DerivedModule):
         source, weight = self._bias_scales
         if not (_live(source) and _live(weight)):
             return bias
+        if weight.scale.numel() not in (1, bias.numel()):
+            raise ValueError(
+                f"integer_bias: {weight.label} has {weight.scale.numel()} scales (shape {tuple(weight.scale.shape)}) but "
+                f"the bias {bias.numel()} entries, so its scales are not one per output channel; if "
+                f"{self._float_class.__name__} keeps its output channels on another dim of its weight, say so "
+                "with quantrain.register_weight_axis"
+            )
         return integer_bias(bias, source.scale, weight.scale)
 
     def float_forward(self, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,201 @@
+"""Quantization points on functional ops (``x + y``, ``torch.cat``, ``F.silu``, ``x.mean()``) of the user's own
+model, in eager mode, without editing its code.
+
+An op is identified as in the model's graph (:mod:`quantrain.graph`): the module whose forward runs it (its
+*scope*), the torch function (``add``, ``cat``, ``silu``) and its index among that scope's calls of that function in
+one forward, so ``layer1.0.add:1`` is the second ``+`` in ``layer1.0``'s forward. At run time:
+
+* forward pre/post hooks on each scope module and on its direct children keep a stack of the modules whose forward
+  is running, so an op is attributed to the scope only when the scope's own forward runs it (not a child's);
+* while a scope's forward runs, a ``TorchFunctionMode`` sees every torch-level call exactly as ``torch.export``
+  recorded it (one call per ``x + y`` or ``F.silu``, whatever ATen ops it runs), counts the calls of each function
+  that has points in the scope, and passes the output of the k-th through that point's fake quantizer.
+
+The points' quantizers live on their scope module (child ``op_quant``, a ``ModuleDict`` keyed ``"add:1"``), so their
+state is in the model's state_dict and moves with it; each point exposes ``fake_quant`` like a quantized module.
+
+Why not rewrite the forward from the exported graph (as PT2E does)? That gives a new ``GraphModule`` in place of the
+user's model: different class, code and state_dict keys, no Python control flow, and ``self.training`` branches
+frozen to the mode captured. Intercepting keeps the user's object, its Parameters, its forward and its checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.graph import is_capturing
+from quantrain.graph.model_graph import op_type
+
+__all__ = ["OP_CHILD", "OpPoint", "OpPointPlan", "OpPoints", "function_name"]
+
+OP_CHILD = "op_quant"
+"""The child of a scope module holding its op points."""
+
+
+@dataclass(frozen=True)
+class OpPointPlan:
+    """Quantize the output of the ``index``-th call of ``op`` in the forward of ``scope`` (``''``: the model); ``op``
+    without an in-place marker (``add`` counts ``+`` and ``+=`` alike, as the graph does)."""
+
+    scope: str
+    op: str
+    index: int
+    settings: Any  # TargetSettings
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}:{self.index}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope}.{self.key}" if self.scope else self.key
+
+
+def function_name(func: Callable) -> str:
+    """A torch function's name as the graph names ops: ``Tensor.add`` -> ``add``, ``Tensor.__getitem__`` ->
+    ``getitem``."""
+    name = getattr(func, "__name__", "")
+    return name[2:-2] if name.startswith("__") and name.endswith("__") and len(name) > 4 else name
+
+
+class OpPoint(nn.Module):
+    """One op's quantizers, keyed by target (``_output_0``), as a quantized module keeps its own."""
+
+    def __init__(self, fake_quant: nn.ModuleDict, name: str) -> None:
+        super().__init__()
+        self.fake_quant = fake_quant
+        self.point_name = name
+
+    def extra_repr(self) -> str:
+        return self.point_name
+
+
+class _Interceptor(TorchFunctionMode):
+    def __init__(self, points: OpPoints) -> None:
+        super().__init__()
+        self.points = points
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        frame = self.points.stack[-1]
+        if frame is None:
+            return output
+        table = self.points.table.get(frame)
+        if table is None:
+            return output
+        op = op_type(function_name(func))  # `y += x` runs add_, counted with the adds as the graph counts it
+        by_index = table.get(op)
+        if by_index is None:
+            return output
+        counts = self.points.counts
+        index = counts.get((frame, op), 0)
+        counts[(frame, op)] = index + 1
+        point = by_index.get(index)
+        if point is not None and isinstance(output, Tensor) and output.is_floating_point():
+            output = point.fake_quant["_output_0"](output)
+        return output
+
+
+class OpPoints:
+    """The op points of one model and the hooks that run them (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, points: dict[str, OpPoint], plans: tuple[OpPointPlan, ...]) -> None:
+        self.table: dict[str, dict[str, dict[int, OpPoint]]] = {}
+        for plan in plans:
+            self.table.setdefault(plan.scope, {}).setdefault(plan.op, {})[plan.index] = points[plan.name]
+        self.stack: list[str | None] = [None]
+        self.counts: dict[tuple[str, str], int] = {}
+        self._mode: _Interceptor | None = None
+        self._depth = 0
+        self._handles = []
+        modules = dict(model.named_modules())
+        framed: dict[int, str | None] = {}
+        for scope in self.table:
+            framed[id(modules[scope])] = scope
+        for scope in self.table:
+            for child in modules[scope].children():
+                framed.setdefault(id(child), None)  # a child's own forward is not its parent's
+        seen = set()
+        for module in model.modules():
+            if id(module) in framed and id(module) not in seen:
+                seen.add(id(module))
+                self._handles.append(module.register_forward_pre_hook(_Enter(self, framed[id(module)])))
+                self._handles.append(module.register_forward_hook(_Leave(self), always_call=True))
+
+    def enter(self, frame: str | None) -> None:
+        if is_capturing():
+            self.stack.append(None)
+            return
+        if frame is not None and self._depth == 0:  # the outermost scope call starts a forward
+            self.counts.clear()
+            self._mode = _Interceptor(self)
+            self._mode.__enter__()
+        if frame is not None or self._depth > 0:
+            self._depth += 1
+        self.stack.append(frame)
+
+    def leave(self) -> None:
+        frame = self.stack.pop()
+        if is_capturing():
+            return
+        if frame is not None or self._depth > 0:
+            self._depth -= 1
+            if self._depth == 0 and self._mode is not None:
+                mode, self._mode = self._mode, None
+                mode.__exit__(None, None, None)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mode": None, "_depth": 0, "stack": [None], "_handles": []}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _Enter:
+    """A forward pre-hook (an object, so that copies of the model get hooks on their own copy of the points)."""
+
+    def __init__(self, points: OpPoints, frame: str | None) -> None:
+        self.points, self.frame = points, frame
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.points.enter(self.frame)
+
+
+class _Leave:
+    def __init__(self, points: OpPoints) -> None:
+        self.points = points
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.points.leave()
+
+
+def build_op_points(
+    model: nn.Module, plans: tuple[OpPointPlan, ...], make: Callable[[OpPointPlan], FakeQuantizer]
+) -> tuple[dict[str, OpPoint], OpPoints]:
+    """Attach each plan's quantizer to its scope module (child ``op_quant``) and start intercepting."""
+    modules = dict(model.named_modules())
+    points: dict[str, OpPoint] = {}
+    for plan in plans:
+        scope = modules[plan.scope]
+        if OP_CHILD not in scope._modules:
+            scope.add_module(OP_CHILD, nn.ModuleDict())
+        point = OpPoint(nn.ModuleDict({"_output_0": make(plan)}), plan.name)
+        scope._modules[OP_CHILD][plan.key] = point
+        points[plan.name] = point
+    return points, OpPoints(model, points, plans)
+
+
+def remove_op_points(model: nn.Module, runtime: OpPoints | None) -> None:
+    """Undo :func:`build_op_points`: hooks removed, every ``op_quant`` child deleted."""
+    if runtime is not None:
+        runtime.remove()
+    for module in model.modules():
+        module._modules.pop(OP_CHILD, None)
