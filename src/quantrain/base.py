@@ -21,6 +21,7 @@ from quantrain.config.fusion import plan_fusions
 from quantrain.config.ops import OpTargetPlan, entry_selects_ops, plan_op_targets
 from quantrain.config.parse import parse_config_list
 from quantrain.config.resolve import ModulePlan, TargetKind, float_type, resolve
+from quantrain.config.settings import GranularityKind
 from quantrain.distributed import RangeSync, broadcast_state, check_same_layout
 from quantrain.evaluator import Evaluator
 from quantrain.fake_quantizer import FakeQuantizer
@@ -72,7 +73,8 @@ class Quantizer:
         plans, op_plans, graph = self._plan(
             model, config_list, evaluator, fuse, integer_bias=integer_bias, example_inputs=example_inputs
         )
-        bias_sources, float_biases = plan_bias_sources(model, plans, graph) if integer_bias else ((), ())
+        per_tensor = frozenset(p.name for p in op_plans if p.settings.granularity.kind is GranularityKind.PER_TENSOR)
+        bias_sources, float_biases = plan_bias_sources(model, plans, graph, per_tensor) if integer_bias else ((), ())
         if evaluator is not None:
             evaluator.bind_model(trained)
         self.bound_model = model
@@ -91,8 +93,9 @@ class Quantizer:
         except BaseException:
             unwrap(self._modules)
             raise
+        holders = self._holders()
         for source in bias_sources:
-            link_integer_bias(self._modules[source.module], self._modules[source.source].fake_quant[source.target])
+            link_integer_bias(self._modules[source.module], holders[source.source].fake_quant[source.target])
         if float_biases:
             warnings.warn(
                 f"integer_bias: the input of {', '.join(float_biases)} is not known to come from a per-tensor "
@@ -158,7 +161,7 @@ class Quantizer:
         example = example_inputs if example_inputs is not None else getattr(evaluator, "dummy_input", None)
         graph = _capture_if_needed(model, entries, plans, fuse, integer_bias, example, op_entries)
         plans = plan_fusions(model, entries, plans, auto=fuse == "auto", graph=graph)
-        op_plans = plan_op_targets(entries, graph, module_types, selected)
+        op_plans = plan_op_targets(entries, graph, module_types, selected, auto=fuse == "auto")
         if not handover:
             check_wrappable(model, plans, op_plans)
         return plans, op_plans, graph
@@ -252,7 +255,7 @@ class Quantizer:
         """A quantizer on the output of each planned op (see :mod:`quantrain.wrapping.op_points`)."""
         if not op_plans:
             return {}, None
-        plans = tuple(OpPointPlan(p.call.scope, p.call.op_type, p.call.index, p.settings) for p in op_plans)
+        plans = tuple(OpPointPlan(p.call.scope, p.call.op_type, p.call.index, p.settings, p.activation) for p in op_plans)
         tracking = self._tracking(TargetKind.OUTPUT)
 
         def make(plan: OpPointPlan) -> FakeQuantizer:

@@ -40,7 +40,7 @@ class SharedReLU(nn.Module):
 class Twice(nn.Module):
     def __init__(self):
         super().__init__()
-        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Tanh())
 
     def forward(self, x):
         return self.block(self.block(x))
@@ -53,8 +53,18 @@ def test_a_module_called_twice_gives_two_calls_each_with_its_index():
     assert [c.index for c in graph.module_calls("relu")] == [0, 1]
     assert graph.find("relu@1").inputs == [graph.find("add:0")]
     nested = capture(Twice(), torch.randn(2, 4))  # the children of a block called twice are called twice too
-    assert _names(nested) == ["input_0", "block.0", "block.1", "block.0@1", "block.1@1", "output"]
-    assert nested.find("block.0@1").inputs == [nested.find("block.1")]
+    # a module without parameters (Tanh) shows its op, counted across the calls of its scope
+    assert _names(nested) == [
+        "input_0",
+        "block.0",
+        "block.1",
+        "block.2.tanh:0",
+        "block.0@1",
+        "block.1@1",
+        "block.2.tanh:1",
+        "output",
+    ]
+    assert nested.find("block.0@1").inputs == [nested.find("block.2.tanh:0")]
 
 
 class Functional(nn.Module):
@@ -198,7 +208,10 @@ def test_what_cannot_be_captured_says_why_and_what_to_do():
 
 
 def _eager_call_counts(model, example):
-    """Independent reference: how many times each module without children runs, by forward hooks."""
+    """Independent reference: how many times each module without children that is a unit (one with parameters or
+    buffers of its own, or a ReLU, pooling, flatten, identity or dropout) runs, by forward hooks."""
+    from quantrain.graph.capture import LEAF_UNITS
+
     counts = {}
     names = {}
     for name, module in model.named_modules():
@@ -207,7 +220,11 @@ def _eager_call_counts(model, example):
     def counter(name):
         return lambda module, args, output: counts.__setitem__(name, counts.get(name, 0) + 1)
 
-    leaves = [module for module in model.modules() if not list(module.children())]
+    def unit(module):
+        own = list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))
+        return not list(module.children()) and (own or isinstance(module, LEAF_UNITS))
+
+    leaves = [module for module in model.modules() if unit(module)]
     handles = [module.register_forward_hook(counter(names[id(module)])) for module in leaves]
     try:
         with torch.no_grad():

@@ -59,7 +59,16 @@ def test_each_point_quantizes_the_call_the_graph_names():
     torch.manual_seed(0)
     model = Model()
     names = [call.name for call in capture(model, torch.randn(2, 4)).ops()]
-    assert names == ["block.add:0", "block.add:1", "mul:0", "block.add:2", "block.add:3", "cat:0"]
+    assert names == [
+        "block.add:0",
+        "block.inner.add:0",  # the child's own add is in its own scope
+        "block.add:1",
+        "mul:0",
+        "block.add:2",
+        "block.inner.add:1",
+        "block.add:3",
+        "cat:0",
+    ]
     points, _ = _points(model, ("block", "add", 1), ("block", "add", 2), ("", "cat", 0))
     x = torch.randn(5, 4)
     with torch.no_grad():

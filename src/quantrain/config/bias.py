@@ -77,11 +77,12 @@ def needs_graph(model: nn.Module, plans: tuple[ModulePlan, ...]) -> list[str]:
 
 
 def plan_bias_sources(
-    model: nn.Module, plans: tuple[ModulePlan, ...], graph: ModelGraph | None = None
+    model: nn.Module, plans: tuple[ModulePlan, ...], graph: ModelGraph | None = None, op_points: frozenset[str] = frozenset()
 ) -> tuple[tuple[BiasSource, ...], tuple[str, ...]]:
     """For every planned layer with a quantized weight and a float bias: where its input scale comes from.
 
-    ``graph`` (the model's, with the planned modules as units) is needed for the layers :func:`needs_graph` lists.
+    ``graph`` (the model's, with the planned modules as units) is needed for the layers :func:`needs_graph` lists;
+    ``op_points`` names the quantized ops whose output quantizer is per tensor (a source too).
     Returns the sources found and the names of the layers whose input is not known to be quantized per tensor (they
     keep a float bias).
     """
@@ -93,7 +94,7 @@ def plan_bias_sources(
     passes = _fused_away(plans)
     sources, missing = [], []
     for plan in layers:
-        source = _source(plan, graph, planned, passes)
+        source = _source(plan, graph, planned, passes, op_points)
         if source is None:
             missing.append(plan.name)
         else:
@@ -128,7 +129,7 @@ def _fused_away(plans: tuple[ModulePlan, ...]) -> frozenset[str]:
 
 
 def _source(
-    plan: ModulePlan, graph: ModelGraph | None, planned: dict[str, ModulePlan], passes: frozenset[str]
+    plan: ModulePlan, graph: ModelGraph | None, planned: dict[str, ModulePlan], passes: frozenset[str], op_points: frozenset[str]
 ) -> BiasSource | None:
     if _target(plan, INPUT) is not None:
         return BiasSource(plan.name, plan.name, INPUT) if _per_tensor_activation(plan, INPUT) else None
@@ -140,6 +141,8 @@ def _source(
         if call.kind is CallKind.MODULE and call.target in planned and _target(planned[call.target], OUTPUT) is not None:
             target_plan = planned[call.target]
             return BiasSource(plan.name, call.target, OUTPUT) if _per_tensor_activation(target_plan, OUTPUT) else None
+        if call.kind is CallKind.OP and call.name in op_points:
+            return BiasSource(plan.name, call.name, OUTPUT)
         upstream = _grid_preserving_input(call, passes)
         if upstream is None:
             return None

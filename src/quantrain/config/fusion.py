@@ -21,7 +21,7 @@ from quantrain.config.parse import ConfigEntry
 from quantrain.config.resolve import FusionPlan, ModulePlan, float_type
 from quantrain.graph import Call, CallKind, ModelGraph
 
-__all__ = ["plan_fusions"]
+__all__ = ["activation_of", "plan_fusions"]
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -159,7 +159,7 @@ def _auto_fusions(graph: ModelGraph, modules: dict[str, nn.Module], planned: dic
             bn = tail.target
             chain.append(bn)
 
-        activation = _activation_of(tail)
+        activation = activation_of(tail)
         wants_output = any(t.name == "_output_0" for t in planned[name].targets)
         if activation is not None and wants_output:
             user = tail.users[0]
@@ -182,7 +182,7 @@ def _only_user(call: Call, kinds: tuple[type, ...]) -> bool:
     )
 
 
-def _activation_of(call: Call) -> str | None:
+def activation_of(call: Call) -> str | None:
     """The ReLU/ReLU6 that alone reads ``call``'s output (a module, or a functional op not in place)."""
     if len(call.users) != 1:
         return None

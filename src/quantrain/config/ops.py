@@ -25,10 +25,11 @@ from __future__ import annotations
 import re
 import warnings
 
+from quantrain.config.fusion import activation_of
 from quantrain.config.parse import ConfigEntry
 from quantrain.graph import Call, ModelGraph
 
-__all__ = ["OP_TARGETS", "OpTargetPlan", "entry_selects_ops", "is_op_name", "is_op_type", "plan_op_targets"]
+__all__ = ["KNOWN_OPS", "OP_TARGETS", "OpTargetPlan", "entry_selects_ops", "is_op_name", "is_op_type", "plan_op_targets"]
 
 OP_TARGETS = ("_output_", "_output_0")
 
@@ -94,12 +95,14 @@ def entry_selects_ops(entry: ConfigEntry, module_types: set[str]) -> bool:
 
 
 class OpTargetPlan:
-    """The output of op call ``call`` quantized with ``settings`` (from entry ``entry_index``)."""
+    """The output of op call ``call`` quantized with ``settings`` (from entry ``entry_index``); with ``activation``
+    (``'relu'``/``'relu6'``, found by ``fuse='auto'``) the ReLU that alone reads it is applied first, so the output
+    is quantized after it, as an integer engine runs the op with its activation."""
 
-    __slots__ = ("call", "entry_index", "settings")
+    __slots__ = ("activation", "call", "entry_index", "settings")
 
-    def __init__(self, call: Call, settings, entry_index: int) -> None:
-        self.call, self.settings, self.entry_index = call, settings, entry_index
+    def __init__(self, call: Call, settings, entry_index: int, activation: str | None = None) -> None:
+        self.call, self.settings, self.entry_index, self.activation = call, settings, entry_index, activation
 
     @property
     def name(self) -> str:
@@ -110,9 +113,15 @@ class OpTargetPlan:
 
 
 def plan_op_targets(
-    entries: tuple[ConfigEntry, ...], graph: ModelGraph | None, module_types: set[str], selected_modules: dict[int, int]
+    entries: tuple[ConfigEntry, ...],
+    graph: ModelGraph | None,
+    module_types: set[str],
+    selected_modules: dict[int, int],
+    *,
+    auto: bool = False,
 ) -> tuple[OpTargetPlan, ...]:
-    """The op outputs the entries quantize, in graph order; the first entry that selects an op wins.
+    """The op outputs the entries quantize, in graph order; the first entry that selects an op wins. With ``auto``
+    (``fuse='auto'``), an op whose output only a ReLU/ReLU6 reads is quantized after that activation.
 
     ``selected_modules``: how many modules each entry (by index) selected, for the "selects nothing" warning.
     Raises ``ValueError`` naming the entry and key for an op name the graph does not have, an op type neither in
@@ -129,7 +138,8 @@ def plan_op_targets(
     claimed: dict[str, OpTargetPlan] = {}
     for entry in wanted:
         _check(entry, names, types, module_types)
-        selected = [call for call in ops if _selects(entry, call, module_types)]
+        # an op computing integers or booleans (an index, a mask) has nothing to quantize
+        selected = [call for call in ops if _selects(entry, call, module_types) and _floating(call)]
         if not selected and not selected_modules.get(entry.index):
             warnings.warn(f"config_list[{entry.index}] selects no module or op of {graph.model_type}", stacklevel=4)
         for call in selected:
@@ -141,9 +151,14 @@ def plan_op_targets(
                     stacklevel=4,
                 )
                 continue
-            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index)
+            activation = activation_of(call) if auto else None
+            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation)
     order = {id(call): position for position, call in enumerate(graph.calls)}
     return tuple(sorted(claimed.values(), key=lambda plan: order[id(plan.call)]))
+
+
+def _floating(call: Call) -> bool:
+    return call.floating
 
 
 def _target(entry: ConfigEntry) -> str:
@@ -165,7 +180,7 @@ def _check(entry: ConfigEntry, names: set[str], types: set[str], module_types: s
                     ValueError,
                     key,
                     f"{name!r} is neither a module type nor an op of the model's forward"
-                    f"{_suggest(name, types | KNOWN_OPS)} (its ops: {', '.join(sorted(types)) or 'none'})",
+                    f"{_suggest(name, types) or _suggest(name, KNOWN_OPS)} (its ops: {', '.join(sorted(types)) or 'none'})",
                 )
     targets = entry.target_names
     if targets is not None:

@@ -6,7 +6,31 @@
 
 from __future__ import annotations
 
-__all__ = ["deployable_config_list"]
+__all__ = ["ONNXRUNTIME_MODULE_OUTPUTS", "ONNXRUNTIME_OPS", "TARGETS", "deployable_config_list"]
+
+TARGETS = (None, "onnxruntime")
+
+ONNXRUNTIME_OPS = (
+    "add",
+    "mul",
+    "cat",
+    "matmul",
+    "sigmoid",
+    "silu",
+    "hardswish",
+    "gelu",
+    "softmax",
+    "scaled_dot_product_attention",
+    "adaptive_avg_pool2d",
+)
+"""Functional ops whose outputs ``target='onnxruntime'`` quantizes: those ONNX Runtime runs in integer (QLinearAdd,
+QLinearMul, QLinearConcat, QLinearMatMul, QLinearSigmoid, QLinearGlobalAveragePool) and the activations without an
+integer kernel whose output feeds a layer that has one (SiLU, Hardswish, GELU, Softmax: their inputs are dequantized,
+their outputs quantized again, so the next Conv/Gemm/MatMul runs in integer)."""
+
+ONNXRUNTIME_MODULE_OUTPUTS = ("LayerNorm", "GroupNorm", "AdaptiveAvgPool2d", "AvgPool2d")
+"""Modules with parameters (or ``nn`` pooling classes) whose outputs ``target='onnxruntime'`` quantizes, for the
+same reason: the layer after a LayerNorm reads integers."""
 
 
 def deployable_config_list(
@@ -16,6 +40,7 @@ def deployable_config_list(
     input_module: str = "0",
     op_types: tuple[str, ...] = ("Conv2d", "Linear"),
     output_op_types: tuple[str, ...] = (),
+    target: str | None = None,
 ) -> list[dict]:
     """The layout that exports exactly to ONNX Runtime's integer kernels.
 
@@ -23,7 +48,18 @@ def deployable_config_list(
     quantized once where an integer engine would: the input of ``input_module`` (the model's first layer), and the
     output of every ``op_types`` layer (after the ReLU that ``fuse='auto'`` fuses into it) and of every
     ``output_op_types`` module (e.g. ``("Add",)`` for :class:`quantrain.Add` residuals).
+
+    ``target='onnxruntime'`` also quantizes the outputs of the functional ops in :data:`ONNXRUNTIME_OPS` (residual
+    ``+``, ``torch.cat``, squeeze-excite ``*``, ...; found in the model's graph, so the quantizer needs
+    ``example_inputs``) and of the modules in :data:`ONNXRUNTIME_MODULE_OUTPUTS`, so that models nobody edited for
+    quantization (torchvision's, Hugging Face's) run in ONNX Runtime's integer kernels from layer to layer; an op
+    followed only by a ReLU is quantized after it with ``fuse='auto'``.
+
+    >>> [entry.get("op_types") for entry in deployable_config_list(target="onnxruntime")][2:]  # doctest: +ELLIPSIS
+    [['LayerNorm', 'GroupNorm', 'AdaptiveAvgPool2d', 'AvgPool2d'], ['add', 'mul', 'cat', ...]]
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be None or 'onnxruntime', got {target!r}")
     activations = {"quant_dtype": f"uint{activation_bits}", "quant_scheme": "affine"}
     weights = {"quant_dtype": f"int{weight_bits}", "quant_scheme": "symmetric", "granularity": "out_channel"}
     config = [
@@ -35,6 +71,11 @@ def deployable_config_list(
             "target_settings": {"weight": weights},
         },
     ]
-    if output_op_types:
-        config.append({"op_types": list(output_op_types), "target_names": ["_output_"], **activations})
+    outputs = (
+        [*output_op_types, *(t for t in ONNXRUNTIME_MODULE_OUTPUTS if t not in output_op_types)] if target else output_op_types
+    )
+    if outputs:
+        config.append({"op_types": list(outputs), "target_names": ["_output_"], **activations})
+    if target == "onnxruntime":
+        config.append({"op_types": list(ONNXRUNTIME_OPS), "target_names": ["_output_"], **activations})
     return config

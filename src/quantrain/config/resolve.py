@@ -193,7 +193,7 @@ def resolve(
 
 
 def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
-    from quantrain.config.ops import is_op_name, is_op_type
+    from quantrain.config.ops import KNOWN_OPS, is_op_name, is_op_type
 
     module_types = {float_type(m).__name__ for m in modules.values()}
     for key in ("op_names", "exclude_op_names"):
@@ -205,7 +205,7 @@ def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
         for type_name in getattr(entry, key):
             if is_op_type(type_name, present):
                 cased = [name for name in present | set(dir(nn)) if name.lower() == type_name.lower()]
-                if cased and isinstance(getattr(nn, cased[0], None) or object, type):
+                if cased and type_name not in KNOWN_OPS:  # 'linear' for 'Linear', not 'add' for quantrain.Add
                     raise entry.error(
                         ValueError,
                         key,

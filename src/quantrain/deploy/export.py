@@ -36,6 +36,7 @@ from torch import nn
 
 from quantrain.deploy.qdq import ExportActivation, ExportWeight
 from quantrain.fake_quantizer import FakeQuantizer
+from quantrain.graph import example_arguments, output_tensors
 from quantrain.wrapping.op_points import OpPoint
 from quantrain.wrapping.quantized_module import is_quantized
 
@@ -72,8 +73,10 @@ def export_onnx(
 ) -> ExportReport:
     """Write ``model`` (quantized by quantrain, calibrated) to ``path`` as a QDQ ONNX model; returns a report.
 
-    ``example_inputs``: a tensor or a tuple of tensors, used to trace the model. The batch dimension is dynamic
-    unless ``dynamic_batch=False``. Raises ``ValueError`` naming the target when something has no scale.
+    ``example_inputs``: a tensor, a tuple of tensors (the forward's positional inputs) or a dict of tensors (its
+    keyword inputs, e.g. a Hugging Face batch; the ONNX inputs are then named after the keys), used to trace the
+    model. The batch dimension is dynamic unless ``dynamic_batch=False``. Raises ``ValueError`` naming the target
+    when something has no scale.
 
     ``weight_dtype``: how signed weights are stored. ``"int8"`` (what ONNX Runtime's own quantizer writes) is
     fastest on CPUs with VNNI and on ARM; ``"uint8"`` stores the same values as ``q + 128`` with zero point
@@ -87,9 +90,12 @@ def export_onnx(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not isinstance(example_inputs, (torch.Tensor, tuple, dict)):
+        raise TypeError("example_inputs must be a tensor, a tuple of tensors or a dict of tensors")
+    args, keywords = example_arguments(example_inputs)
+    inputs = (*args, *keywords.values())
     if not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+        raise TypeError("example_inputs must be a tensor, a tuple of tensors or a dict of tensors")
     quantized = {name: m for name, m in model.named_modules() if is_quantized(m) or isinstance(m, OpPoint)}
     if not quantized:
         raise ValueError(
@@ -101,15 +107,16 @@ def export_onnx(
     for module in (m for m in export_model.modules() if is_quantized(m) or isinstance(m, OpPoint)):
         for target, fq in list(module.fake_quant.items()):
             module.fake_quant[target] = _export_module(fq, report)
-    fold_remaining_batchnorms(export_model, report, inputs)
+    fold_remaining_batchnorms(export_model, report, example_inputs)
+    traced = _Flat(export_model, len(args), list(keywords))
     with torch.no_grad():
-        outputs = export_model(*inputs)  # records each weight's integers
-    count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        outputs = traced(*inputs)  # records each weight's integers
+    count = len(outputs)
     calls: list[str] = []
     for point in export_model.modules():
         if isinstance(point, ExportActivation):
             point.calls = calls
-    names = input_names or [f"input_{i}" for i in range(len(inputs))]
+    names = input_names or [*(f"input_{i}" for i in range(len(args))), *keywords]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
 
@@ -117,7 +124,7 @@ def export_onnx(
         axes = {name: {0: "batch"} for name in [*names, *out_names]} if dynamic_batch else None
         calls.clear()  # the export's own trace calls each point once, in graph order
         torch.onnx.export(
-            export_model,
+            traced,
             inputs,
             str(path),
             dynamo=False,
@@ -128,6 +135,7 @@ def export_onnx(
             do_constant_folding=True,
         )
     graph_model = onnx.load(str(path))
+    strip_root_prefix(graph_model.graph, "model")
     name_quantization_points(graph_model.graph, calls)
     fold_constants(graph_model)
     drop_idle_relus(graph_model.graph)
@@ -149,6 +157,46 @@ def export_onnx(
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
     return report
+
+
+class _Flat(nn.Module):
+    """What the exporter traces: the model called with positional tensors (the keyword ones after them, by name),
+    returning the tensors of its output in order (tuples, dicts, Hugging Face outputs), as check_parity reads them."""
+
+    def __init__(self, model: nn.Module, positional: int, keywords: list[str]) -> None:
+        super().__init__()
+        self.model, self.positional, self.keywords = model, positional, keywords
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, rest = inputs[: self.positional], inputs[self.positional :]
+        return tuple(output_tensors(self.model(*args, **dict(zip(self.keywords, rest, strict=True)))))
+
+
+def strip_root_prefix(graph: onnx.GraphProto, attribute: str) -> None:
+    """Name nodes and values as the user's model names them: without the ``/model/`` scope (``model.`` prefix) that
+    :class:`_Flat`, holding the model as ``model``, adds to every name."""
+    scope, dotted = f"/{attribute}/", f"{attribute}."
+    for node in graph.node:
+        if node.name.startswith(scope):
+            node.name = "/" + node.name[len(scope) :]
+    renamed = {}
+    for values in (graph.initializer, graph.value_info):
+        for value in values:
+            if value.name.startswith(dotted) or value.name.startswith(scope):
+                new = value.name[len(dotted) :] if value.name.startswith(dotted) else "/" + value.name[len(scope) :]
+                renamed[value.name] = new
+                value.name = new
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name.startswith(scope) and name not in renamed:
+                renamed[name] = "/" + name[len(scope) :]
+            node.input[index] = renamed.get(name, name)
+        for index, name in enumerate(node.output):
+            if name.startswith(scope) and name not in renamed:
+                renamed[name] = "/" + name[len(scope) :]
+            node.output[index] = renamed.get(name, name)
+    for value in graph.input:
+        value.name = renamed.get(value.name, value.name)
 
 
 def fold_remaining_batchnorms(model: nn.Module, report: ExportReport, example_inputs: tuple = ()) -> None:

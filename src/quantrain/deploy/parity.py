@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantrain.fake_quantizer import FakeQuantizer
-from quantrain.graph import output_tensors
+from quantrain.graph import example_arguments, output_tensors
 
 __all__ = ["LayerParity", "OutputParity", "ParityReport", "check_parity"]
 
@@ -63,13 +63,17 @@ class ParityReport:
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: Any, *, per_layer: bool = False) -> ParityReport:
     """Run ``model`` (in eval mode) and the ONNX model at ``onnx_path`` in ONNX Runtime on ``inputs``; compare.
 
-    ``per_layer=True`` also compares every quantization point that the export named after its target.
+    ``inputs``: a tensor, a tuple of the forward's positional inputs, or a dict of its keyword inputs (in the order
+    the export was given them). ``per_layer=True`` also compares every quantization point that the export named
+    after its target.
     """
     session = _session(onnx_path)
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs, strict=False)}
-    if len(feeds) != len(inputs) or len(inputs) != len(session.get_inputs()):
-        raise ValueError(f"{onnx_path}: the model takes {len(session.get_inputs())} inputs, {len(inputs)} were given")
+    args, kwargs = example_arguments(inputs if not isinstance(inputs, list) else tuple(inputs), what="inputs")
+    given = (*args, *kwargs.values())
+    feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), given, strict=False)}
+    if len(feeds) != len(given) or len(given) != len(session.get_inputs()):
+        raise ValueError(f"{onnx_path}: the model takes {len(session.get_inputs())} inputs, {len(given)} were given")
+    inputs = _Call(args, kwargs)
     reference, steps = _reference(model, inputs)
     produced = session.run(None, feeds)
     if len(produced) != len(reference):
@@ -101,7 +105,17 @@ def _notes(onnx_path: str | os.PathLike) -> tuple[str, ...]:
     )
 
 
-def _layers(model: nn.Module, onnx_path: str | os.PathLike, inputs: tuple, feeds: dict) -> tuple[LayerParity, ...]:
+class _Call:
+    """The model's inputs, positional and keyword, applied to a model."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __call__(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def _layers(model: nn.Module, onnx_path: str | os.PathLike, inputs: _Call, feeds: dict) -> tuple[LayerParity, ...]:
     """Compare each named quantization point of the ONNX model with the fake quantizer of the same label."""
     import onnx
     import onnxruntime as ort
@@ -123,7 +137,7 @@ def _layers(model: nn.Module, onnx_path: str | os.PathLike, inputs: tuple, feeds
     try:
         model.eval()
         with torch.no_grad():
-            model(*inputs)
+            inputs(model)
     finally:
         model.train(training)
         for handle in handles:
@@ -150,7 +164,7 @@ def _session(onnx_path: str | os.PathLike):
         raise ValueError(f"{onnx_path}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 
 
-def _reference(model: nn.Module, inputs: tuple) -> tuple[list[np.ndarray], list[float | None]]:
+def _reference(model: nn.Module, inputs: _Call) -> tuple[list[np.ndarray], list[float | None]]:
     """The model's outputs and, for each, the quantization step of the fake quantizer that produced it (if any)."""
     produced: dict[int, float] = {}
 
@@ -163,7 +177,7 @@ def _reference(model: nn.Module, inputs: tuple) -> tuple[list[np.ndarray], list[
     try:
         model.eval()
         with torch.no_grad():
-            outputs = model(*inputs)
+            outputs = inputs(model)
     finally:
         model.train(training)
         for handle in handles:

@@ -4,7 +4,8 @@ Python, on fake tensors, so shape checks, ``self.training`` branches and Hugging
 The export records ATen ops, each tagged with the stack of modules whose forward ran it (``nn_module_stack``, where
 a second call of a module is marked ``@1``). Ops inside a *unit* module become one module call; the others are op
 calls in the scope of the innermost module running them. Units are the modules named in ``units`` (those to be
-quantized), modules quantrain already quantized, and modules without children; never the model itself.
+quantized), modules quantrain already quantized, and modules without children that hold parameters or buffers or
+only pass values on (see :func:`_leaf_unit`); never the model itself.
 
 Capturing reads the model and never changes it: parameters and buffers are replaced by fake tensors for the export
 (BatchNorm's running statistics do not move), and a module quantrain has quantized runs its float forward (see
@@ -152,13 +153,13 @@ def _view(model: nn.Module, exported: torch.export.ExportedProgram, units: froze
         module_name = canonical.get(id(module), path)
         if not path:  # the model itself is never a unit: its graph is what the view shows
             return None
-        is_unit = module_name in units or hasattr(type(module), "_float_class") or not any(True for _ in module.children())
+        is_unit = module_name in units or hasattr(type(module), "_float_class") or _leaf_unit(module)
         return module_name if is_unit else None
 
     calls: list[Call] = []
     owner: dict[str, Call] = {}  # fx node name -> the call computing it
     module_call: dict[str, Call] = {}  # nn_module_stack key of a unit call -> that call
-    op_counts: dict[tuple[str, str], int] = {}
+    op_counts: dict[tuple[str, str, bool], int] = {}
     op_call: dict[tuple[str, Any], Call] = {}  # (scope, torch-level function call) -> its op call
     graph_inputs = 0
     for node in exported.graph.nodes:
@@ -198,9 +199,13 @@ def _view(model: nn.Module, exported: torch.export.ExportedProgram, units: froze
             call = op_call.get((scope, function)) if function is not None else None
             if call is None:  # the first ATen op of a torch-level call (x + y, F.silu, torch.cat, x[:, :2], ...)
                 op = _function_name(function) if function is not None else _op_name(node)
-                index = op_counts.get((scope, op_type(op)), 0)
-                op_counts[(scope, op_type(op))] = index + 1
-                call = Call(CallKind.OP, op, index=index, scope=scope, constants=_constants(node))
+                dtype = _dtype(node)
+                # ops on floats are counted apart from those on integers (indices, masks, positions), which the export
+                # may have computed away as constants, so that the k-th float add here is the k-th the forward runs
+                counter = (scope, op_type(op), dtype is None or dtype.is_floating_point)
+                index = op_counts.get(counter, 0)
+                op_counts[counter] = index + 1
+                call = Call(CallKind.OP, op, index=index, scope=scope, constants=_constants(node), dtype=dtype)
                 calls.append(call)
                 if function is not None:
                     op_call[(scope, function)] = call
@@ -208,6 +213,32 @@ def _view(model: nn.Module, exported: torch.export.ExportedProgram, units: froze
             _connect(call, node, owner, dedupe=bool(call.aten[:-1]))
         owner[node.name] = call
     return ModelGraph(calls, type(model).__name__)
+
+
+LEAF_UNITS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+"""Modules without parameters that stay one call: fusion folds the ReLUs, the others pass values on unchanged."""
+
+
+def _leaf_unit(module: nn.Module) -> bool:
+    """A module without children is a unit when it has parameters or buffers of its own (a BatchNorm, a LayerNorm,
+    Hugging Face's Conv1D) or is one of :data:`LEAF_UNITS`; another one (``nn.SiLU``, ``nn.GELU``, a model's own
+    activation class, ``nn.AdaptiveAvgPool2d``) shows its ops, in its own scope, so that configs can select them."""
+    if any(True for _ in module.children()):
+        return False
+    own = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+    return own or isinstance(module, LEAF_UNITS)
 
 
 def _relative(path: str) -> str:
@@ -240,6 +271,12 @@ def _is_data(node: torch.fx.Node) -> bool:
     if isinstance(value, torch.Tensor):
         return True
     return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+
+
+def _dtype(node: torch.fx.Node) -> torch.dtype | None:
+    value = node.meta.get("val")
+    value = next((v for v in value if isinstance(v, torch.Tensor)), None) if isinstance(value, (tuple, list)) else value
+    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def _source(node: torch.fx.Node) -> str | None:

@@ -4,8 +4,8 @@ A :class:`ModelGraph` is a list of :class:`Call` in execution order. A call is o
 
 * an **input** of the forward (a tensor the caller passes in),
 * a **module call**: one call of a module that quantization treats as a unit (a module to be quantized, one already
-  quantized, or a module without children such as ``BatchNorm2d`` or ``ReLU``); a module called twice in a forward
-  gives two calls, with ``index`` 0 and 1,
+  quantized, or a module without children that holds parameters, such as ``BatchNorm2d``, or passes values on, such
+  as ``ReLU`` or ``MaxPool2d``); a module called twice in a forward gives two calls, with ``index`` 0 and 1,
 * an **op call**: one functional operation between those modules (``x + y``, ``torch.cat``, ``F.silu``, a view),
   as the forward calls it (one torch function call, whatever ATen ops it runs), named by the module whose forward
   runs it (``scope``), the op and its index among the same ops of that scope, so the second residual add of
@@ -67,6 +67,8 @@ class Call:
     """Op calls: the first ATen op's arguments that are not tensors (e.g. ``(0.0, 6.0)`` for ``hardtanh``)."""
     aten: tuple[str, ...] = ()
     """The ATen ops the call ran, for messages and tests."""
+    dtype: Any = None
+    """The ``torch.dtype`` of the call's (first) tensor output, as captured."""
     inputs: list[Call] = field(default_factory=list)
     users: list[Call] = field(default_factory=list)
 
@@ -77,9 +79,15 @@ class Call:
         if self.kind is CallKind.MODULE:
             return self.target if self.index == 0 else f"{self.target}@{self.index}"
         if self.kind is CallKind.OP:
-            op = self.op_type
-            return f"{self.scope}.{op}:{self.index}" if self.scope else f"{op}:{self.index}"
+            index = f"{self.index}" if self.floating else f"{self.index}({str(self.dtype).removeprefix('torch.')})"
+            return f"{self.scope}.{self.op_type}:{index}" if self.scope else f"{self.op_type}:{index}"
         return self.target
+
+    @property
+    def floating(self) -> bool:
+        """Whether the call computes floating-point values (ops on indices or masks are numbered apart, and named
+        with their dtype: ``add:0(int64)``)."""
+        return self.dtype is None or self.dtype.is_floating_point
 
     @property
     def op_type(self) -> str:

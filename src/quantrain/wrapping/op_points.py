@@ -3,7 +3,8 @@ model, in eager mode, without editing its code.
 
 An op is identified as in the model's graph (:mod:`quantrain.graph`): the module whose forward runs it (its
 *scope*), the torch function (``add``, ``cat``, ``silu``) and its index among that scope's calls of that function in
-one forward, so ``layer1.0.add:1`` is the second ``+`` in ``layer1.0``'s forward. At run time:
+one forward (ops on floats; those on indices and masks are numbered apart), so ``layer1.0.add:1`` is the second
+``+`` of floats in ``layer1.0``'s forward. At run time:
 
 * forward pre/post hooks on each scope module and on its direct children keep a stack of the modules whose forward
   is running, so an op is attributed to the scope only when the scope's own forward runs it (not a child's);
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.graph import is_capturing
 from quantrain.graph.model_graph import op_type
+from quantrain.wrapping.fusion import CLAMPS
 
 __all__ = ["OP_CHILD", "OpPoint", "OpPointPlan", "OpPoints", "function_name"]
 
@@ -47,6 +49,8 @@ class OpPointPlan:
     op: str
     index: int
     settings: Any  # TargetSettings
+    activation: str | None = None
+    """``'relu'``/``'relu6'``: applied before quantizing (the ReLU after the op then changes nothing)."""
 
     @property
     def key(self) -> str:
@@ -67,10 +71,15 @@ def function_name(func: Callable) -> str:
 class OpPoint(nn.Module):
     """One op's quantizers, keyed by target (``_output_0``), as a quantized module keeps its own."""
 
-    def __init__(self, fake_quant: nn.ModuleDict, name: str) -> None:
+    def __init__(self, fake_quant: nn.ModuleDict, name: str, activation: str | None = None) -> None:
         super().__init__()
         self.fake_quant = fake_quant
         self.point_name = name
+        self.clamp = None if activation is None else CLAMPS[activation]
+
+    def quantize(self, output: Tensor) -> Tensor:
+        """The op's output, through its fused activation (if any) and fake quantizer."""
+        return self.fake_quant["_output_0"](output, self.clamp)
 
     def extra_repr(self) -> str:
         return self.point_name
@@ -93,12 +102,20 @@ class _Interceptor(TorchFunctionMode):
         by_index = table.get(op)
         if by_index is None:
             return output
+        if isinstance(output, Tensor):
+            first = output
+        elif isinstance(output, (tuple, list)):
+            first = next((o for o in output if isinstance(o, Tensor)), None)
+        else:
+            first = None
+        if first is None or not first.is_floating_point():
+            return output  # ops on indices and masks are not counted, as the graph numbers them apart
         counts = self.points.counts
         index = counts.get((frame, op), 0)
         counts[(frame, op)] = index + 1
         point = by_index.get(index)
-        if point is not None and isinstance(output, Tensor) and output.is_floating_point():
-            output = point.fake_quant["_output_0"](output)
+        if point is not None and isinstance(output, Tensor):
+            output = point.quantize(output)
         return output
 
 
@@ -187,7 +204,7 @@ def build_op_points(
         scope = modules[plan.scope]
         if OP_CHILD not in scope._modules:
             scope.add_module(OP_CHILD, nn.ModuleDict())
-        point = OpPoint(nn.ModuleDict({"_output_0": make(plan)}), plan.name)
+        point = OpPoint(nn.ModuleDict({"_output_0": make(plan)}), plan.name, plan.activation)
         scope._modules[OP_CHILD][plan.key] = point
         points[plan.name] = point
     return points, OpPoints(model, points, plans)

@@ -1,0 +1,101 @@
+"""Models nobody here wrote (tests/zoo.py), quantized as their users would, trained two steps, exported, and run in
+ONNX Runtime: top-1 agreement with the fake-quant model >= 99.9% and the largest difference at most one output
+quantization step; with the ONNX Runtime placement, no float op left between integer ones where the zoo model's ops
+have integer kernels."""
+
+import collections
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import zoo
+from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
+
+FIRST_LAYER = {
+    "mnist_cnn": "conv1",
+    "hf_resnet": "resnet.embedder.embedder.convolution",
+    "hf_mobilenet_v2": "mobilenet_v2.conv_stem.first_conv.convolution",
+    "hf_efficientnet": "efficientnet.embeddings.convolution",
+    "hf_convnext": "convnext.embeddings.patch_embeddings",
+    "hf_regnet": "regnet.embedder.embedder.convolution",
+    "hf_vit": "vit.embeddings.patch_embeddings.projection",
+    "hf_bert": "bert.encoder.layer.0.attention.self.query",
+    "hf_distilbert": "distilbert.transformer.layer.0.attention.q_lin",
+    "hf_gpt2": "transformer.h.0.attn.c_attn",
+}
+LAYERS = {"hf_gpt2": ("Linear", "Conv1D")}
+LAST_LAYER = {"hf_gpt2": "score"}  # GPT-2's projections are transformers' Conv1D (weight in x out)
+
+
+def _train(model, example, steps=2):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        output = zoo.run(model, example)
+        logits = output.logits if hasattr(output, "logits") else output
+        logits.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _batch(example, seed=7):
+    """A second batch of the example's kind, larger, for the parity check."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(example, dict):
+        ids = torch.randint(1, 100, (16, example["input_ids"].shape[1]), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return torch.randn((16, *example.shape[1:]), generator=generator)
+
+
+def _optimized_ops(path, tmp_path):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def _check(model, example, path, last_layer):
+    export_onnx(model.eval(), example, path)
+    report = check_parity(model, path, _batch(example))
+    output = report.outputs[0]
+    assert output.top1_agreement is None or output.top1_agreement >= 0.999, report
+    steps = output.max_diff_in_steps
+    if steps is None:  # the output indexes the last layer's (GPT-2 picks each sequence's last token): its steps
+        steps = output.max_abs_diff / model.get_submodule(last_layer).fake_quant["_output_0"].scale.item()
+    assert steps <= 1.0 + 1e-4, report
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, tmp_path):
+    model, example = zoo.build(name)
+    config = deployable_config_list(
+        8, 8, input_module=FIRST_LAYER[name], op_types=LAYERS.get(name, ("Conv2d", "Linear")), target="onnxruntime"
+    )
+    QATQuantizer(model, config, fuse="auto", integer_bias=True, example_inputs=example)
+    _train(model, example)
+    path = tmp_path / f"{name}.onnx"
+    _check(model, example, path, LAST_LAYER.get(name, ""))
+    ops = _optimized_ops(path, tmp_path)
+    assert not {"Relu", "Clip"} & set(ops), ops  # every ReLU/ReLU6 folded into the op before it
+    if name in ("mnist_cnn", "hf_resnet", "hf_mobilenet_v2", "hf_regnet"):
+        assert not {"Conv", "Gemm", "MatMul", "Add", "Mul", "MatMulNBits"} & set(ops), ops  # integer from end to end
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "hf_resnet", "hf_bert"])
+def test_a_plain_nni_style_config_exports_and_matches(name, tmp_path):
+    """As NNI's docs write a config_list: Conv2d and Linear, inputs, weights and outputs, no preset."""
+    model, example = zoo.build(name)
+    config = [
+        {
+            "op_types": ["Conv2d", "Linear"],
+            "target_names": ["_input_", "weight", "_output_"],
+            "quant_dtype": "uint8",
+            "quant_scheme": "affine",
+            "target_settings": {"weight": {"quant_dtype": "int8", "quant_scheme": "symmetric"}},
+        }
+    ]
+    QATQuantizer(model, config)
+    _train(model, example)
+    _check(model, example, tmp_path / f"{name}.onnx", "")
