@@ -2,7 +2,8 @@
 and text models, and a small MNIST-style CNN whose forward checks its input size (as published MNIST models do).
 
 Each builder returns ``(model, example)``: the model in training mode and an example batch as its forward takes it
-(a tensor, or a dict of keyword inputs).
+(a tensor, or a dict of keyword inputs). ``big=True`` (the zoo benchmark) builds wider, deeper models on larger inputs,
+where the arithmetic, not the per-operator overhead, sets the latency.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class MnistCnn(nn.Module):
         return self.fc2(self.relu3(self.fc1(torch.flatten(x, 1))))
 
 
-def _images(size: int = 32, batch: int = 2) -> torch.Tensor:
+def _images(size: int = 32, batch: int = 2, big: bool = False) -> torch.Tensor:
+    size = 64 if big else size
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def _tokens(batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
+def _tokens(batch: int = 2, length: int = 16, big: bool = False) -> dict[str, torch.Tensor]:
+    length = 64 if big else length
     ids = torch.randint(1, 100, (batch, length), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -49,90 +52,112 @@ def _transformers() -> Any:
     return transformers
 
 
-def mnist_cnn() -> tuple[nn.Module, Any]:
+def mnist_cnn(big: bool = False) -> tuple[nn.Module, Any]:
     return MnistCnn(), torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
-def hf_resnet() -> tuple[nn.Module, Any]:
+def hf_resnet(big: bool = False) -> tuple[nn.Module, Any]:
     t = _transformers()
-    config = t.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
-    return t.ResNetForImageClassification(config), _images()
+    sizes = {"embedding_size": 32, "hidden_sizes": [32, 64, 128, 256], "depths": [2, 2, 2, 2]} if big else {}
+    config = t.ResNetConfig(**{"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1], **sizes}, num_labels=10)
+    return t.ResNetForImageClassification(config), _images(big=big)
 
 
-def hf_mobilenet_v2() -> tuple[nn.Module, Any]:
+def hf_mobilenet_v2(big: bool = False) -> tuple[nn.Module, Any]:
     t = _transformers()
-    config = t.MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=10)
-    return t.MobileNetV2ForImageClassification(config), _images()
+    config = t.MobileNetV2Config(depth_multiplier=1.0 if big else 0.35, image_size=64 if big else 32, num_labels=10)
+    return t.MobileNetV2ForImageClassification(config), _images(big=big)
 
 
-def hf_efficientnet() -> tuple[nn.Module, Any]:
+def hf_efficientnet(big: bool = False) -> tuple[nn.Module, Any]:
     t = _transformers()
-    config = t.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.25, image_size=32, hidden_dim=320, num_labels=10)
-    return t.EfficientNetForImageClassification(config), _images()
-
-
-def hf_convnext() -> tuple[nn.Module, Any]:
-    t = _transformers()
-    config = t.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
-    return t.ConvNextForImageClassification(config), _images()
-
-
-def hf_regnet() -> tuple[nn.Module, Any]:
-    t = _transformers()
-    config = t.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)
-    return t.RegNetForImageClassification(config), _images()
-
-
-def hf_vit() -> tuple[nn.Module, Any]:
-    t = _transformers()
-    config = t.ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+    width, depth = (1.0, 1.0) if big else (0.25, 0.25)
+    config = t.EfficientNetConfig(
+        width_coefficient=width,
+        depth_coefficient=depth,
+        image_size=64 if big else 32,
+        hidden_dim=1280 if big else 320,
         num_labels=10,
     )
-    return t.ViTForImageClassification(config), _images()
+    return t.EfficientNetForImageClassification(config), _images(big=big)
 
 
-def hf_bert() -> tuple[nn.Module, Any]:
+def hf_convnext(big: bool = False) -> tuple[nn.Module, Any]:
     t = _transformers()
+    sizes = {"num_stages": 3, "hidden_sizes": [48, 96, 192], "depths": [2, 2, 2]} if big else {}
+    config = t.ConvNextConfig(**{"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1], **sizes}, num_labels=10)
+    return t.ConvNextForImageClassification(config), _images(big=big)
+
+
+def hf_regnet(big: bool = False) -> tuple[nn.Module, Any]:
+    t = _transformers()
+    sizes = {"embedding_size": 32, "hidden_sizes": [32, 64, 160, 384], "depths": [1, 2, 4, 1]} if big else {}
+    config = t.RegNetConfig(
+        **{"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1], **sizes}, groups_width=8, num_labels=10
+    )
+    return t.RegNetForImageClassification(config), _images(big=big)
+
+
+def hf_vit(big: bool = False) -> tuple[nn.Module, Any]:
+    t = _transformers()
+    hidden, layers = (192, 6) if big else (32, 2)
+    config = t.ViTConfig(
+        image_size=64 if big else 32,
+        patch_size=8,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=3 if big else 2,
+        intermediate_size=4 * hidden if big else 64,
+        num_labels=10,
+    )
+    return t.ViTForImageClassification(config), _images(big=big)
+
+
+def hf_bert(big: bool = False) -> tuple[nn.Module, Any]:
+    t = _transformers()
+    hidden, layers = (256, 4) if big else (32, 2)
     config = t.BertConfig(
         vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4 if big else 2,
+        intermediate_size=4 * hidden if big else 64,
+        max_position_embeddings=64 if big else 32,
         num_labels=3,
     )
-    return t.BertForSequenceClassification(config), _tokens()
+    return t.BertForSequenceClassification(config), _tokens(big=big)
 
 
-def hf_distilbert() -> tuple[nn.Module, Any]:
+def hf_distilbert(big: bool = False) -> tuple[nn.Module, Any]:
     t = _transformers()
+    dim, layers = (256, 4) if big else (32, 2)
     config = t.DistilBertConfig(
-        vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=3
+        vocab_size=100,
+        dim=dim,
+        n_layers=layers,
+        n_heads=4 if big else 2,
+        hidden_dim=4 * dim if big else 64,
+        max_position_embeddings=64 if big else 32,
+        num_labels=3,
     )
-    return t.DistilBertForSequenceClassification(config), _tokens()
+    return t.DistilBertForSequenceClassification(config), _tokens(big=big)
 
 
-def hf_gpt2() -> tuple[nn.Module, Any]:
+def hf_gpt2(big: bool = False) -> tuple[nn.Module, Any]:
     t = _transformers()
+    width, layers = (256, 4) if big else (32, 2)
     config = t.GPT2Config(
         vocab_size=100,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=32,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4 if big else 2,
+        n_positions=64 if big else 32,
         num_labels=3,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    return t.GPT2ForSequenceClassification(config), _tokens()
+    return t.GPT2ForSequenceClassification(config), _tokens(big=big)
 
 
 ZOO: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
@@ -150,9 +175,9 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
 """Every model of the zoo, by name."""
 
 
-def build(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
+def build(name: str, seed: int = 0, big: bool = False) -> tuple[nn.Module, Any]:
     torch.manual_seed(seed)
-    model, example = ZOO[name]()
+    model, example = ZOO[name](big=big)
     return model.train(), example
 
 
