@@ -57,3 +57,17 @@ class ReferenceTarget:
             self.hi = hi if self.hi is None else self.hi * 0.99 + (1 - 0.99) * hi
         scale, zp = reference_qparams(self.lo, self.hi, self.qmin, self.qmax, self.symmetric)
         return reference_fake_quant(x, scale, zp, self.qmin, self.qmax)
+
+
+def optimized_op_types(path, folder, level: str = "extended") -> list[str]:
+    """The op types of the graph ONNX Runtime runs for the model at ``path`` once it has optimized it (``level``:
+    ``"extended"`` or ``"all"``), in graph order; the optimized model is written into ``folder``."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[level]
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]

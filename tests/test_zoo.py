@@ -5,12 +5,11 @@ have integer kernels."""
 
 import collections
 
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 import zoo
+from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
 
 FIRST_LAYER = {
@@ -48,14 +47,6 @@ def _batch(example, seed=7):
     return torch.randn((16, *example.shape[1:]), generator=generator)
 
 
-def _optimized_ops(path, tmp_path):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
-
-
 def _check(model, example, path, last_layer):
     export_onnx(model.eval(), example, path)
     report = check_parity(model, path, _batch(example))
@@ -77,7 +68,7 @@ def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, t
     _train(model, example)
     path = tmp_path / f"{name}.onnx"
     _check(model, example, path, LAST_LAYER.get(name, ""))
-    ops = _optimized_ops(path, tmp_path)
+    ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert not {"Relu", "Clip"} & set(ops), ops  # every ReLU/ReLU6 folded into the op before it
     if name in ("mnist_cnn", "hf_resnet", "hf_mobilenet_v2", "hf_regnet"):
         assert not {"Conv", "Gemm", "MatMul", "Add", "Mul", "MatMulNBits"} & set(ops), ops  # integer from end to end

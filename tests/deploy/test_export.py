@@ -8,6 +8,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, export_onnx
 from quantrain.config.presets import deployable_config_list
 from quantrain.demo import build_model, load_digits
@@ -58,11 +59,7 @@ def exported(trained, tmp_path_factory, digits):
 
 
 def _optimized_node_types(path, tmp_path):
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    return optimized_op_types(path, tmp_path, "all")
 
 
 def test_the_file_is_a_valid_qdq_model_with_int8_weights(exported):

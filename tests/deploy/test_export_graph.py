@@ -9,19 +9,12 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
 from quantrain.deploy.export import drop_idle_relus, name_quantization_points, propagate_quantization, unique_node_names
 from quantrain.summary import summarize_onnx
 
 ACTIVATIONS = {"quant_dtype": "uint8", "quant_scheme": "affine"}
-
-
-def _optimized_types(path, tmp_path):
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 def _relu6_model():
@@ -55,7 +48,7 @@ def test_a_fused_relu6_leaves_no_clip_and_both_convs_run_as_integer_kernels(tmp_
     export_onnx(model, torch.randn(2, 2, 8, 8), path)
     types = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert "Clip" not in types and "Relu" not in types and types.count("Conv") == 2
-    optimized = _optimized_types(path, tmp_path)
+    optimized = optimized_op_types(path, tmp_path)
     assert optimized.count("QLinearConv") == 2 and "Conv" not in optimized and "Clip" not in optimized
     (output,) = check_parity(model, path, torch.randn(32, 2, 8, 8) * 3).outputs
     assert output.max_diff_in_steps is not None and output.max_diff_in_steps <= 1.0 + 1e-4

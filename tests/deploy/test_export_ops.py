@@ -2,12 +2,11 @@
 
 import collections
 
-import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
 
 UINT8 = {"quant_dtype": "uint8", "quant_scheme": "affine"}
@@ -39,14 +38,6 @@ class Net(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _optimized_ops(path, tmp_path):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
-
-
 def test_a_quantized_residual_add_runs_as_qlinearadd_with_its_relu_folded(tmp_path):
     torch.manual_seed(0)
     model = Net()
@@ -65,7 +56,7 @@ def test_a_quantized_residual_add_runs_as_qlinearadd_with_its_relu_folded(tmp_pa
     model.eval()
     path = tmp_path / "net.onnx"
     export_onnx(model, example, path)
-    ops = _optimized_ops(path, tmp_path)
+    ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 5 and ops["QGemm"] == 1
     assert "Relu" not in ops and "Add" not in ops and "Conv" not in ops  # nothing left in float between them
     report = check_parity(model, path, torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(9)))

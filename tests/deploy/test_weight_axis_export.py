@@ -9,6 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx, register_weight_axis
 from quantrain.config.resolve import WEIGHT_AXES
 from quantrain.integer import IntegerModel
@@ -101,11 +102,7 @@ def test_gpt2_conv1d_exports_axis_1_scales_runs_as_an_integer_gemm_and_matches_o
     report = check_parity(model, path, torch.randn(64, 4))
     (output,) = report.outputs
     assert output.top1_agreement == 1.0 and output.max_diff_in_steps <= 1.0 + 1e-4
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    types = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    types = optimized_op_types(path, tmp_path)
     assert types.count("QGemm") == 3 and "Gemm" not in types  # the axis-1 weight too runs as an integer kernel
 
 
