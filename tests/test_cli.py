@@ -259,6 +259,7 @@ def test_demo_flags_reach_run_demo(monkeypatch, capsys, tmp_path):
         raise KeyboardInterrupt  # stop before training; also checks the exit code for Ctrl-C
 
     monkeypatch.setattr(quantrain.demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(quantrain.demo.data, "check_dataset", lambda name: None)  # with or without the Debian files
     argv = [
         "demo",
         "--dataset",

@@ -173,28 +173,32 @@ class _Flat(nn.Module):
 
 
 def strip_root_prefix(graph: onnx.GraphProto, attribute: str) -> None:
-    """Name nodes and values as the user's model names them: without the ``/model/`` scope (``model.`` prefix) that
-    :class:`_Flat`, holding the model as ``model``, adds to every name."""
-    scope, dotted = f"/{attribute}/", f"{attribute}."
+    """Name nodes and values as the user's model names them: without the scope that :class:`_Flat`, holding the
+    model as ``model``, adds to every name. The exporter names a scope by each module's full name, so
+    ``/model/model.0/model.0.1/Relu`` becomes ``/0/0.1/Relu`` and the parameter ``model.0.bias`` becomes ``0.bias``."""
+    root, dotted = f"/{attribute}/", f"{attribute}."
+
+    def stripped(name: str) -> str | None:
+        if name.startswith(root):
+            head, _, op = name[len(root) :].rpartition("/")
+            scopes = [scope[len(dotted) :] if scope.startswith(dotted) else scope for scope in head.split("/") if head]
+            return "/" + "/".join([*scopes, op])
+        return name[len(dotted) :] if name.startswith(dotted) else None
+
     for node in graph.node:
-        if node.name.startswith(scope):
-            node.name = "/" + node.name[len(scope) :]
+        node.name = stripped(node.name) or node.name
     renamed = {}
     for values in (graph.initializer, graph.value_info):
         for value in values:
-            if value.name.startswith(dotted) or value.name.startswith(scope):
-                new = value.name[len(dotted) :] if value.name.startswith(dotted) else "/" + value.name[len(scope) :]
-                renamed[value.name] = new
-                value.name = new
+            new = stripped(value.name)
+            if new is not None:
+                renamed[value.name] = value.name = new
     for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name.startswith(scope) and name not in renamed:
-                renamed[name] = "/" + name[len(scope) :]
-            node.input[index] = renamed.get(name, name)
-        for index, name in enumerate(node.output):
-            if name.startswith(scope) and name not in renamed:
-                renamed[name] = "/" + name[len(scope) :]
-            node.output[index] = renamed.get(name, name)
+        for names in (node.input, node.output):
+            for index, name in enumerate(names):
+                if name not in renamed and name.startswith(root):
+                    renamed[name] = stripped(name)
+                names[index] = renamed.get(name, name)
     for value in graph.input:
         value.name = renamed.get(value.name, value.name)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,11 +167,15 @@ def _session(onnx_path: str | os.PathLike):
 
 def _reference(model: nn.Module, inputs: _Call) -> tuple[list[np.ndarray], list[float | None]]:
     """The model's outputs and, for each, the quantization step of the fake quantizer that produced it (if any)."""
-    produced: dict[int, float] = {}
+    produced: dict[int, tuple[weakref.ref, float]] = {}
 
     def remember(fq: FakeQuantizer, args: tuple, output: torch.Tensor) -> None:
-        if fq.is_calibrated and fq.scale.numel() == 1:
-            produced[id(output)] = float(fq.scale)
+        if fq.is_calibrated and fq.scale.numel() == 1:  # by id, checked by a weak reference: ids of freed tensors recur
+            produced[id(output)] = (weakref.ref(output), float(fq.scale))
+
+    def step_of(output: torch.Tensor) -> float | None:
+        ref, scale = produced.get(id(output), (None, None))
+        return scale if ref is not None and ref() is output else None
 
     handles = [m.register_forward_hook(remember) for m in model.modules() if isinstance(m, FakeQuantizer)]
     training = model.training
@@ -183,7 +188,7 @@ def _reference(model: nn.Module, inputs: _Call) -> tuple[list[np.ndarray], list[
         for handle in handles:
             handle.remove()
     outputs = list(output_tensors(outputs))  # tuples, dicts, Hugging Face outputs: their tensors, in order
-    return [o.detach().cpu().numpy() for o in outputs], [produced.get(id(o)) for o in outputs]
+    return [o.detach().cpu().numpy() for o in outputs], [step_of(o) for o in outputs]
 
 
 def _compare(name: str, reference: np.ndarray, produced: np.ndarray, step: float | None) -> OutputParity:
