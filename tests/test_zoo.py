@@ -47,8 +47,8 @@ def _batch(example, seed=7):
     return torch.randn((16, *example.shape[1:]), generator=generator)
 
 
-def _check(model, example, path, last_layer):
-    export_onnx(model.eval(), example, path)
+def _check(model, example, path, last_layer, exporter="torchscript"):
+    export_onnx(model.eval(), example, path, exporter=exporter, opset=18 if exporter == "torch.export" else 17)
     report = check_parity(model, path, _batch(example))
     output = report.outputs[0]
     assert output.top1_agreement is None or output.top1_agreement >= 0.999, report
@@ -58,14 +58,19 @@ def _check(model, example, path, last_layer):
     assert steps <= 1.0 + 1e-4, report
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
-def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, tmp_path):
+def _quantize_for_onnxruntime(name):
     model, example = zoo.build(name)
     config = deployable_config_list(
         8, 8, input_module=FIRST_LAYER[name], op_types=LAYERS.get(name, ("Conv2d", "Linear")), target="onnxruntime"
     )
     QATQuantizer(model, config, fuse="auto", integer_bias=True, example_inputs=example)
     _train(model, example)
+    return model, example
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, tmp_path):
+    model, example = _quantize_for_onnxruntime(name)
     path = tmp_path / f"{name}.onnx"
     _check(model, example, path, LAST_LAYER.get(name, ""))
     ops = collections.Counter(optimized_op_types(path, tmp_path))
@@ -90,3 +95,23 @@ def test_a_plain_nni_style_config_exports_and_matches(name, tmp_path):
     QATQuantizer(model, config)
     _train(model, example)
     _check(model, example, tmp_path / f"{name}.onnx", "")
+
+
+FAST_THROUGH_TORCH_EXPORT = ("mnist_cnn", "hf_bert")  # a CNN with a shape check; keyword inputs and attention
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name in FAST_THROUGH_TORCH_EXPORT else pytest.mark.slow) for name in sorted(zoo.ZOO)]
+)
+def test_the_torch_export_based_exporter_writes_the_same_integer_model(name, tmp_path):
+    """exporter='torch.export': parity as above, and ONNX Runtime fuses the same integer operators as from the
+    TorchScript-based export (the float ops around LayerNorm and GELU may be decomposed differently)."""
+    model, example = _quantize_for_onnxruntime(name)
+    _check(model, example, tmp_path / "dynamo.onnx", LAST_LAYER.get(name, ""), exporter="torch.export")
+    _check(model, example, tmp_path / "torchscript.onnx", LAST_LAYER.get(name, ""))
+    integer = {}
+    for exporter in ("dynamo", "torchscript"):
+        ops = collections.Counter(optimized_op_types(tmp_path / f"{exporter}.onnx", tmp_path))
+        assert not {"Relu", "Clip"} & set(ops), ops
+        integer[exporter] = {op: n for op, n in ops.items() if op.startswith(("QLinear", "QGemm", "MatMulInteger"))}
+    assert integer["dynamo"] == integer["torchscript"]

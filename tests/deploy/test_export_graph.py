@@ -5,6 +5,7 @@ import collections
 
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import TensorProto, helper
 from torch import nn
@@ -36,7 +37,8 @@ def _train(model, shape, steps=6, gain=3.0):
     return model.eval()
 
 
-def test_a_fused_relu6_leaves_no_clip_and_both_convs_run_as_integer_kernels(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "torch.export"])
+def test_a_fused_relu6_leaves_no_clip_and_both_convs_run_as_integer_kernels(exporter, tmp_path):
     torch.manual_seed(0)
     model, config = _relu6_model()
     QATQuantizer(model, config)
@@ -45,7 +47,7 @@ def test_a_fused_relu6_leaves_no_clip_and_both_convs_run_as_integer_kernels(tmp_
     fq = model[0].fake_quant["_output_0"]
     assert fq.zero_point.item() == 0 and 255 * fq.scale.item() <= 6.0  # the quantizer saturates where ReLU6 clips
     path = tmp_path / "relu6.onnx"
-    export_onnx(model, torch.randn(2, 2, 8, 8), path)
+    export_onnx(model, torch.randn(2, 2, 8, 8), path, exporter=exporter, opset=18)
     types = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert "Clip" not in types and "Relu" not in types and types.count("Conv") == 2
     optimized = optimized_op_types(path, tmp_path)
@@ -170,13 +172,14 @@ REUSED_CONFIG = [
 ]
 
 
-def test_points_called_twice_get_distinct_names_and_onnx_runtime_loads_the_model(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "torch.export"])
+def test_points_called_twice_get_distinct_names_and_onnx_runtime_loads_the_model(exporter, tmp_path):
     torch.manual_seed(0)
     model = Reused()
     QATQuantizer(model, REUSED_CONFIG, integer_bias=True)
     _train(model, (16, 4), gain=1.0)
     path = tmp_path / "reused.onnx"
-    export_onnx(model, torch.randn(2, 4), path)
+    export_onnx(model, torch.randn(2, 4), path, exporter=exporter, opset=18)
     graph = onnx.load(str(path)).graph
     names = [node.name for node in graph.node]
     assert [name for name, count in collections.Counter(names).items() if count > 1] == []

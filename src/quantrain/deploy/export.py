@@ -22,7 +22,9 @@ DequantizeLinear input and ORT can fuse it into an integer kernel.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ PROPAGATE_THROUGH = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Sq
 REQUANTIZE_AFTER = frozenset({"AveragePool", "GlobalAveragePool"})
 """Operators whose outputs leave the grid; quantized again with their input's parameters (not trained)."""
 WEIGHT_DTYPES = ("auto", "int8", "uint8")
+EXPORTERS = ("torchscript", "torch.export")
 
 
 @dataclass
@@ -70,6 +73,7 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     weight_dtype: str = "auto",
+    exporter: str = "torchscript",
 ) -> ExportReport:
     """Write ``model`` (quantized by quantrain, calibrated) to ``path`` as a QDQ ONNX model; returns a report.
 
@@ -85,9 +89,24 @@ def export_onnx(
     default) picks ``"uint8"`` where this machine's ONNX Runtime saturates and some weight uses more than 7 bits,
     ``"int8"`` otherwise, so the file computes what was trained on the machine that exports it;
     ``report.weight_dtype`` says which.
+
+    ``exporter``: ``"torch.export"`` captures the model with ``torch.export`` and translates it with
+    ``torch.onnx.export(dynamo=True)`` (needs the ``onnxscript`` package; opset 18 or later), the path PyTorch
+    maintains; ``"torchscript"`` (the default for now) uses the TorchScript-based exporter that PyTorch deprecated in
+    2.9. Both write the same quantization points with the same names (``/<module>/<Op>`` for the model's nodes,
+    ``<module>.<target>/quantize`` for the activation points), and parity holds for either.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
+    if exporter == "torch.export":
+        if opset < 18:
+            raise ValueError(f"opset: the torch.export-based exporter writes opset 18 or later, got {opset}")
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ImportError("exporter='torch.export' needs onnxscript: pip install onnxscript") from None
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     if not isinstance(example_inputs, (torch.Tensor, tuple, dict)):
@@ -117,24 +136,13 @@ def export_onnx(
         if isinstance(point, ExportActivation):
             point.calls = calls
     names = input_names or [*(f"input_{i}" for i in range(len(args))), *keywords]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-
-        out_names = output_names or [f"output_{i}" for i in range(count)]
-        axes = {name: {0: "batch"} for name in [*names, *out_names]} if dynamic_batch else None
-        calls.clear()  # the export's own trace calls each point once, in graph order
-        torch.onnx.export(
-            traced,
-            inputs,
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=names,
-            output_names=out_names,
-            dynamic_axes=axes,
-            do_constant_folding=True,
-        )
-    graph_model = onnx.load(str(path))
+    out_names = output_names or [f"output_{i}" for i in range(count)]
+    axes = {name: {0: "batch"} for name in [*names, *out_names]} if dynamic_batch else None
+    calls.clear()  # the export's own trace calls each point once, in graph order
+    if exporter == "torch.export":
+        graph_model = _export_with_torch_export(traced, inputs, opset, names, out_names, dynamic_batch)
+    else:
+        graph_model = _export_with_torchscript(traced, inputs, path, opset, names, out_names, axes)
     strip_root_prefix(graph_model.graph, "model")
     name_quantization_points(graph_model.graph, calls)
     fold_constants(graph_model)
@@ -157,6 +165,106 @@ def export_onnx(
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
     return report
+
+
+def _export_with_torchscript(traced, inputs, path, opset, names, out_names, axes) -> onnx.ModelProto:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            traced,
+            inputs,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    return onnx.load(str(path))
+
+
+def _export_with_torch_export(traced, inputs, opset, names, out_names, dynamic_batch) -> onnx.ModelProto:
+    import logging
+
+    from quantrain.deploy.qdq import ONNX_TRANSLATIONS
+
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim.AUTO
+        shapes = (tuple({0: batch} if x.dim() > 0 else {} for x in inputs),)  # _Flat.forward(*inputs)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                traced,
+                inputs,
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=out_names,
+                dynamic_shapes=shapes,
+                custom_translation_table=ONNX_TRANSLATIONS,
+                external_data=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    model = program.model_proto
+    name_from_scopes(model.graph)
+    drop_default_axes(model.graph)
+    global_average_pools(model.graph)
+    return model
+
+
+def global_average_pools(graph: onnx.GraphProto) -> int:
+    """Write each ``ReduceMean`` over all spatial dims with ``keepdims=1`` (how the torch.export-based exporter
+    writes ``adaptive_avg_pool2d(x, 1)``) as ``GlobalAveragePool``, which ONNX Runtime runs in integer
+    (QLinearGlobalAveragePool) and the TorchScript-based exporter writes. Returns how many it rewrote."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in [*graph.value_info, *graph.input]}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in constants:
+            continue
+        rank = ranks.get(node.input[0], 0)
+        keepdims = next((attr.i for attr in node.attribute if attr.name == "keepdims"), 1)
+        axes = {int(axis) % rank for axis in constants[node.input[1]].flatten()} if rank else set()
+        if rank >= 3 and keepdims == 1 and axes == set(range(2, rank)):
+            node.op_type = "GlobalAveragePool"
+            del node.input[1:]
+            del node.attribute[:]
+            node.name = node.name.rpartition("/")[0] + "/GlobalAveragePool"
+            rewritten += 1
+    return rewritten
+
+
+def drop_default_axes(graph: onnx.GraphProto) -> None:
+    """Remove ``axis`` from QuantizeLinear/DequantizeLinear nodes whose scale is one number (the torch.export-based
+    exporter writes the default ``axis=1`` on every node), so that per-tensor and per-axis nodes read as they do
+    from the TorchScript-based exporter."""
+    scalars = {init.name for init in graph.initializer if len(init.dims) == 0}
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in scalars:
+            kept = [attr for attr in node.attribute if attr.name != "axis"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+
+
+def name_from_scopes(graph: onnx.GraphProto) -> None:
+    """Name each node as the TorchScript-based exporter does, ``/<module>/<submodule>/<Op>`` (module names in full),
+    from the module path the torch.export-based exporter records in the node's ``namespace`` metadata
+    (``<class>/<module>: <class>/.../<op>: <aten op>``); duplicates are made unique later."""
+    for node in graph.node:
+        namespace = next((prop.value for prop in node.metadata_props if prop.key == "namespace"), None)
+        if namespace is None:
+            continue
+        scopes = [part.split(":")[0].strip() for part in namespace.split("/")[1:-1]]
+        # a fake quantizer's scope, e.g. model.0.fake_quant.weight, is named by its target, as TorchScript names it
+        scopes = [scope.rpartition("fake_quant.")[2] if "fake_quant." in scope else scope for scope in scopes]
+        node.name = "/" + "/".join([*scopes, node.op_type])
 
 
 class _Flat(nn.Module):

@@ -9,6 +9,11 @@ export as exactly those operators.
   qmin, qmax)``. Sub-8-bit weights are int8 containers holding the narrow values.
 
 Scales and zero points are plain tensor attributes, so the exporter writes them as constants.
+
+Both exporters see the same two operators. The TorchScript-based one reads the ``symbolic`` of the autograd
+functions below; the torch.export-based one (``torch.onnx.export(dynamo=True)``) captures the custom operators
+``quantrain::quantize_dequantize`` and ``quantrain::dequantize``, which :data:`ONNX_TRANSLATIONS` writes as the
+same ONNX nodes.
 """
 
 from __future__ import annotations
@@ -35,14 +40,64 @@ def _axis_of(scale: Tensor) -> int | None:
     return varying[0]
 
 
+def _broadcast(scale: Tensor, zero_point: Tensor, dim: int, axis: int | None) -> tuple[Tensor, Tensor]:
+    shape = [1] * dim
+    if axis is not None:
+        shape[axis] = -1
+    return scale.reshape(shape), zero_point.float().reshape(shape)
+
+
+@torch.library.custom_op("quantrain::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, low: int, high: int) -> Tensor:
+    """ONNX's ``DequantizeLinear(QuantizeLinear(x))``: ``(clamp(round(x / s) + z, low, high) - z) * s``."""
+    s, z = _broadcast(scale, zero_point, x.dim(), axis)
+    return (torch.clamp(torch.round(x / s) + z, low, high) - z) * s
+
+
+@quantize_dequantize.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, low: int, high: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("quantrain::dequantize", mutates_args=())
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> Tensor:
+    """ONNX's ``DequantizeLinear(q)``: ``(q - z) * s``."""
+    s, z = _broadcast(scale, zero_point, q.dim(), axis)
+    return (q.float() - z) * s
+
+
+@dequantize.register_fake
+def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> Tensor:
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+def _onnx_quantize_dequantize(x, scale, zero_point, axis=None, low=0, high=255):
+    from onnxscript import opset17 as op
+
+    if axis is None:
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point, axis=axis), scale, zero_point, axis=axis)
+
+
+def _onnx_dequantize(q, scale, zero_point, axis=None):
+    from onnxscript import opset17 as op
+
+    if axis is None:
+        return op.DequantizeLinear(q, scale, zero_point)
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.quantrain.quantize_dequantize.default: _onnx_quantize_dequantize,
+    torch.ops.quantrain.dequantize.default: _onnx_dequantize,
+}
+"""``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: the quantrain operators as ONNX nodes."""
+
+
 class _QuantizeDequantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, low: int, high: int) -> Tensor:
-        shape = [1] * x.dim()
-        if axis is not None:
-            shape[axis] = -1
-        s, z = scale.reshape(shape), zero_point.float().reshape(shape)
-        return (torch.clamp(torch.round(x / s) + z, low, high) - z) * s
+        return quantize_dequantize(x, scale, zero_point, axis, low, high)
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, axis, low, high):
@@ -53,10 +108,7 @@ class _QuantizeDequantize(torch.autograd.Function):
 class _DequantizeConstant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> Tensor:
-        shape = [1] * q.dim()
-        if axis is not None:
-            shape[axis] = -1
-        return (q.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+        return dequantize(q, scale, zero_point, axis)
 
     @staticmethod
     def symbolic(g, w, q, scale, zero_point, axis):
@@ -102,6 +154,8 @@ class ExportActivation(_ExportBase):
             x = torch.relu(x) if clamp == (0.0, None) else torch.clamp(x, *clamp)
         info = torch.iinfo(self.zero_point.dtype)
 
+        if torch.compiler.is_exporting():  # torch.export: the custom operator itself, translated by ONNX_TRANSLATIONS
+            return quantize_dequantize(x, self.scale, self.zero_point, self.axis, info.min, info.max)
         return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.axis, info.min, info.max)
 
     def saturates_to(self, lo: float, hi: float | None) -> bool:
@@ -128,6 +182,8 @@ class ExportWeight(_ExportBase):
     def forward(self, w: Tensor) -> Tensor:
         if self.q is None:
             self.q = self._integers(w.detach())
+        if torch.compiler.is_exporting():
+            return dequantize(self.q, self.scale, self.zero_point, self.axis)
         return _DequantizeConstant.apply(w, self.q, self.scale, self.zero_point, self.axis)
 
     def _integers(self, w: Tensor) -> Tensor:
