@@ -62,6 +62,15 @@ class ReferenceTarget:
 def optimized_op_types(path, folder, level: str = "extended") -> list[str]:
     """The op types of the graph ONNX Runtime runs for the model at ``path`` once it has optimized it (``level``:
     ``"extended"`` or ``"all"``), in graph order; the optimized model is written into ``folder``."""
+    return [node.op_type for node in _optimized_nodes(path, folder, level)]
+
+
+def optimized_node_names(path, folder, level: str = "extended") -> list[str]:
+    """The node names of that graph (see :func:`optimized_op_types`)."""
+    return [node.name for node in _optimized_nodes(path, folder, level)]
+
+
+def _optimized_nodes(path, folder, level):
     import onnx
     import onnxruntime as ort
 
@@ -70,4 +79,4 @@ def optimized_op_types(path, folder, level: str = "extended") -> list[str]:
     levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     options.graph_optimization_level = levels[level]
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    return list(onnx.load(options.optimized_model_filepath).graph.node)

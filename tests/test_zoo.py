@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from helpers import optimized_op_types
+from helpers import optimized_node_names, optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
 
 FIRST_LAYER = {
@@ -48,7 +48,7 @@ def _batch(example, seed=7):
 
 
 def _check(model, example, path, last_layer, exporter="torchscript"):
-    export_onnx(model.eval(), example, path, exporter=exporter, opset=18 if exporter == "torch.export" else 17)
+    export = export_onnx(model.eval(), example, path, exporter=exporter, opset=18 if exporter == "torch.export" else 17)
     report = check_parity(model, path, _batch(example))
     output = report.outputs[0]
     assert output.top1_agreement is None or output.top1_agreement >= 0.999, report
@@ -56,6 +56,7 @@ def _check(model, example, path, last_layer, exporter="torchscript"):
     if steps is None:  # the output indexes the last layer's (GPT-2 picks each sequence's last token): its steps
         steps = output.max_abs_diff / model.get_submodule(last_layer).fake_quant["_output_0"].scale.item()
     assert steps <= 1.0 + 1e-4, report
+    return export
 
 
 def _quantize_for_onnxruntime(name):
@@ -72,11 +73,19 @@ def _quantize_for_onnxruntime(name):
 def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, tmp_path):
     model, example = _quantize_for_onnxruntime(name)
     path = tmp_path / f"{name}.onnx"
-    _check(model, example, path, LAST_LAYER.get(name, ""))
+    report = _check(model, example, path, LAST_LAYER.get(name, ""))
     ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert not {"Relu", "Clip"} & set(ops), ops  # every ReLU/ReLU6 folded into the op before it
     if name in ("mnist_cnn", "hf_resnet", "hf_mobilenet_v2", "hf_regnet"):
         assert not {"Conv", "Gemm", "MatMul", "Add", "Mul", "MatMulNBits"} & set(ops), ops  # integer from end to end
+        assert report.float_islands == []
+    else:  # LayerNorm, GELU, SiLU, attention: each float run between integer ones is named, with its reason
+        assert (
+            report.float_islands
+            and [island.note for island in report.float_islands] == report.notes[-len(report.float_islands) :]
+        )
+        names = set(optimized_node_names(path, tmp_path))
+        assert all(set(island.nodes) <= names for island in report.float_islands)
 
 
 @pytest.mark.parametrize("name", ["mnist_cnn", "hf_resnet", "hf_bert"])

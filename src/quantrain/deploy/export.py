@@ -36,6 +36,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from quantrain.deploy.islands import FloatIsland, float_islands, optimized_graph
 from quantrain.deploy.qdq import ExportActivation, ExportWeight
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.graph import example_arguments, output_tensors
@@ -61,6 +62,9 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     weight_dtype: str = "int8"
     """How signed weights are stored: ``'int8'``, or ``'uint8'`` (the same values shifted by 128, see export_onnx)."""
+    float_islands: list[FloatIsland] = field(default_factory=list)
+    """The runs of operators ONNX Runtime will compute in float between quantized tensors, each also in ``notes``
+    with its reason (see :mod:`quantrain.deploy.islands`)."""
 
 
 def export_onnx(
@@ -164,6 +168,13 @@ def export_onnx(
     unique_node_names(graph_model.graph)  # e.g. the pairs inserted after two calls of one reused operator
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
+    try:
+        optimized = optimized_graph(str(path))
+    except ImportError:
+        report.notes.append("float islands not checked: onnxruntime is not installed")
+    else:
+        report.float_islands = float_islands(optimized)
+        report.notes.extend(island.note for island in report.float_islands)
     return report
 
 
