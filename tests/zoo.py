@@ -17,13 +17,15 @@ from torch import nn
 
 
 class MnistCnn(nn.Module):
-    """conv -> ReLU -> maxpool twice, then two Linear layers; the forward refuses inputs that are not 28x28."""
+    """conv -> ReLU -> maxpool twice, then two Linear layers; the forward refuses inputs that are not 28x28.
+    ``widths``: the two convolutions' channels and the hidden features (PyTorch's MNIST example: 32, 64, 128)."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (8, 16, 32)) -> None:
         super().__init__()
-        self.conv1, self.relu1, self.pool1 = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
-        self.conv2, self.relu2, self.pool2 = nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
-        self.fc1, self.relu3, self.fc2 = nn.Linear(16 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 10)
+        c1, c2, hidden = widths
+        self.conv1, self.relu1, self.pool1 = nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        self.conv2, self.relu2, self.pool2 = nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        self.fc1, self.relu3, self.fc2 = nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (28, 28):
@@ -53,7 +55,7 @@ def _transformers() -> Any:
 
 
 def mnist_cnn(big: bool = False) -> tuple[nn.Module, Any]:
-    return MnistCnn(), torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    return MnistCnn((32, 64, 128) if big else (8, 16, 32)), torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 def hf_resnet(big: bool = False) -> tuple[nn.Module, Any]:
@@ -175,9 +177,69 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
 """Every model of the zoo, by name."""
 
 
+TORCHVISION_OPERATORS = (
+    "roi_align", "_roi_align_backward", "ps_roi_align", "_ps_roi_align_backward", "roi_pool", "_roi_pool_backward",
+    "ps_roi_pool", "_ps_roi_pool_backward", "nms", "qnms", "qroi_align", "deform_conv2d", "_deform_conv2d_backward",
+)  # fmt: skip
+"""The compiled operators torchvision registers shapes for at import (detection and deformable convolutions)."""
+
+
+def _import_torchvision_models() -> tuple[Any, str]:
+    """torchvision.models, and how it was imported (or ``None`` and why not).
+
+    torchvision's PyPI wheel is built against the CUDA build of torch; with the CPU build its compiled operators do
+    not load, and its import then fails registering their shapes (``operator torchvision::nms does not exist``).
+    The classification models are pure Python and never call those operators, so where that happens the import is
+    retried with stand-in schemas for them (each ``(Tensor x) -> Tensor``, never run), defined in torch's registry
+    under torchvision's namespace only because torchvision's own did not load."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("torchvision") is None:
+        return None, "torchvision is not installed (pip install torchvision with the torch pin)"
+    try:
+        import torchvision.models
+
+        return torchvision.models, "torchvision with its compiled operators"
+    except RuntimeError as error:
+        if "torchvision::" not in str(error):
+            return None, f"torchvision does not import: {error}"
+        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[module]
+        library = torch.library.Library("torchvision", "DEF")
+        for operator in TORCHVISION_OPERATORS:
+            library.define(f"{operator}(Tensor x) -> Tensor")
+        _LIBRARIES.append(library)  # the definitions live as long as the library object
+        import torchvision.models
+
+        return torchvision.models, f"torchvision's model code; its compiled operators did not load ({error})"
+
+
+_LIBRARIES: list = []
+TORCHVISION_MODELS, TORCHVISION_STATUS = _import_torchvision_models()
+
+TORCHVISION_FIRST_LAYER = {
+    "tv_resnet18": "conv1",
+    "tv_mobilenet_v2": "features.0.0",
+    "tv_mobilenet_v3_small": "features.0.0",
+    "tv_efficientnet_b0": "features.0.0",
+    "tv_regnet_x_400mf": "stem.0",
+    "tv_shufflenet_v2_x0_5": "conv1.0",
+}
+"""torchvision's classification models in the zoo (where torchvision imports), with their first convolution."""
+
+
+def torchvision_model(name: str, big: bool = False) -> tuple[nn.Module, Any]:
+    if TORCHVISION_MODELS is None:
+        raise RuntimeError(TORCHVISION_STATUS)
+    # 64x64 images, 4 of them: ImageNet models downsample 32 times, and BatchNorm over a batch of 2 single pixels
+    # (32x32 inputs) normalizes two values to +-1, with gradients of 1e12 and more in the float model itself
+    return getattr(TORCHVISION_MODELS, name.removeprefix("tv_"))(num_classes=10), _images(size=64, batch=4, big=big)
+
+
 def build(name: str, seed: int = 0, big: bool = False) -> tuple[nn.Module, Any]:
     torch.manual_seed(seed)
-    model, example = ZOO[name](big=big)
+    model, example = torchvision_model(name, big) if name.startswith("tv_") else ZOO[name](big=big)
     return model.train(), example
 
 
