@@ -7,6 +7,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# First: where torchvision's compiled operators do not load, transformers' import of torchvision needs the stand-ins
+# that zoo defines (see zoo.TORCHVISION_STATUS).
+import zoo
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one thread each, no oversubscription
     torch.set_num_threads(1)
 
@@ -25,6 +29,9 @@ def pytest_report_header(config):
         saturates = u8s8_saturates()
     except ImportError as error:
         return f"quantrain: ONNX Runtime not importable ({error})"
+    models = f"quantrain: the model zoo's torchvision models: {zoo.TORCHVISION_STATUS}"
     if saturates:
-        return "quantrain: ONNX Runtime's uint8 x int8 kernels saturate on this CPU (no VNNI): exports store weights as uint8"
-    return "quantrain: ONNX Runtime's uint8 x int8 kernels are exact on this CPU"
+        kernels = "quantrain: ONNX Runtime's uint8 x int8 kernels saturate on this CPU (no VNNI): exports store weights as uint8"
+    else:
+        kernels = "quantrain: ONNX Runtime's uint8 x int8 kernels are exact on this CPU"
+    return [kernels, models]

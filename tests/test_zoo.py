@@ -24,7 +24,9 @@ FIRST_LAYER = {
     "hf_distilbert": "distilbert.transformer.layer.0.attention.q_lin",
     "hf_gpt2": "transformer.h.0.attn.c_attn",
 }
-LAYERS = {"hf_gpt2": ("Linear", "Conv1D")}
+LAYERS = {"hf_gpt2": ("Linear", "Conv1D"), "hf_efficientnet": ("Conv2d", "EfficientNetDepthwiseConv2d", "Linear")}
+"""Layer types where a model has its own (op_types match class names exactly, as in NNI): GPT-2's projections are
+transformers' Conv1D (weight in x out), EfficientNet's depthwise convolutions a Conv2d subclass."""
 LAST_LAYER = {"hf_gpt2": "score"}  # GPT-2's projections are transformers' Conv1D (weight in x out)
 
 
@@ -77,7 +79,7 @@ def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, t
     report = _check(model, example, path, LAST_LAYER.get(name, ""))
     ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert not {"Relu", "Clip"} & set(ops), ops  # every ReLU/ReLU6 folded into the op before it
-    if name in ("mnist_cnn", "hf_resnet", "hf_mobilenet_v2", "hf_regnet"):
+    if name in ("mnist_cnn", "hf_resnet", "hf_mobilenet_v2", "hf_regnet", "hf_efficientnet"):
         assert not {"Conv", "Gemm", "MatMul", "Add", "Mul", "MatMulNBits"} & set(ops), ops  # integer from end to end
         assert report.float_islands == []
     else:  # LayerNorm, GELU, SiLU, attention: each float run between integer ones is named, with its reason
@@ -149,7 +151,6 @@ def test_torchvision_classification_models_export_integer_models_that_match(name
 
 TORCHVISION_FLOAT_ISLANDS = {
     "tv_mobilenet_v3_small": {"HardSigmoid", "Mul"},  # Hardswish and the squeeze-excite gate, split by ONNX Runtime
-    "tv_efficientnet_b0": {"Sigmoid", "Mul"},  # SiLU, split into Sigmoid and Mul with nothing quantized between
     "tv_shufflenet_v2_x0_5": {"ReduceMean", "Gemm"},  # x.mean([2, 3]) as global pooling: no integer ReduceMean
 }
 """The float islands that remain in torchvision's models (the others are integer from end to end)."""

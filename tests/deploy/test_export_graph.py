@@ -3,16 +3,23 @@ forward calls more than once gets a distinct node name at each call (ONNX Runtim
 
 import collections
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
-from quantrain.deploy.export import drop_idle_relus, name_quantization_points, propagate_quantization, unique_node_names
+from quantrain.deploy.export import (
+    drop_idle_relus,
+    fold_zero_pads,
+    name_quantization_points,
+    propagate_quantization,
+    unique_node_names,
+)
 from quantrain.summary import summarize_onnx
 
 ACTIVATIONS = {"quant_dtype": "uint8", "quant_scheme": "affine"}
@@ -243,3 +250,41 @@ def test_pairs_inserted_after_operators_without_names_or_with_clashing_names_end
     assert unique_node_names(graph) == 0
     unnamed = helper.make_graph([helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Relu", ["b"], ["c"])], "g", [], [])
     assert unique_node_names(unnamed) == 0 and [n.name for n in unnamed.node] == ["", ""]  # empty names are left
+
+
+def test_a_zero_pad_before_a_convolution_is_folded_into_its_pads(tmp_path):
+    """Hugging Face's EfficientNet pads with nn.ZeroPad2d, then convolves with padding='valid'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 4, 3, stride=2))
+    QATQuantizer(model, deployable_config_list(8, 8), fuse="auto", example_inputs=torch.randn(1, 3, 9, 9))
+    _train(model, (8, 3, 9, 9))
+    path = tmp_path / "pad.onnx"
+    report = export_onnx(model, torch.randn(1, 3, 9, 9), path)
+    graph = onnx.load(str(path)).graph
+    assert "Pad" not in [node.op_type for node in graph.node]
+    (second,) = [node for node in graph.node if node.name == "/3/Conv"]
+    assert [list(a.ints) for a in second.attribute if a.name == "pads"] == [[0, 0, 1, 1]]  # begin h, w; end h, w
+    assert optimized_op_types(path, tmp_path).count("QLinearConv") == 2 and report.float_islands == []
+    (output,) = check_parity(model, path, torch.randn(32, 3, 9, 9)).outputs
+    assert output.max_diff_in_steps <= 1.0 + 1e-4
+
+
+def test_pads_that_are_not_zeros_before_a_convolution_stay():
+    def graph(mode, value):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")
+        fill = numpy_helper.from_array(np.array(value, dtype=np.float32), "fill")
+        weight = numpy_helper.from_array(np.ones((2, 2, 3, 3), dtype=np.float32), "w")
+        nodes = [
+            helper.make_node("Pad", ["x", "pads", "fill"], ["p"], name="/pad", mode=mode),
+            helper.make_node("Conv", ["p", "w"], ["y"], name="/conv"),
+        ]
+        return helper.make_graph(nodes, "g", [x], [y], [pads, fill, weight])
+
+    folded = graph("constant", 0.0)
+    assert fold_zero_pads(folded) == 1 and [n.op_type for n in folded.node] == ["Conv"]
+    assert [list(a.ints) for a in folded.node[0].attribute if a.name == "pads"] == [[1, 1, 1, 1]]
+    for mode, value in (("constant", 0.5), ("reflect", 0.0), ("edge", 0.0)):
+        kept = graph(mode, value)
+        assert fold_zero_pads(kept) == 0 and [n.op_type for n in kept.node] == ["Pad", "Conv"]

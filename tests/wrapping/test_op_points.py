@@ -15,8 +15,8 @@ from quantrain.wrapping.op_points import OpPointPlan, build_op_points, function_
 UINT8 = TargetSettings(QuantDtype(8, False), QuantScheme.AFFINE)
 
 
-def _make(plan):
-    fq = FakeQuantizer(plan.settings, activation=True, label=f"{plan.name}._output_0")
+def _make(plan, target):
+    fq = FakeQuantizer(plan.settings, activation=True, label=f"{plan.name}.{target}")
     fq.enable_fake_quant(True)
     return fq
 

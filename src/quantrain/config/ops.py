@@ -11,8 +11,10 @@ An entry names ops the way the model's graph does (:mod:`quantrain.graph`):
   exclude ops as they exclude modules.
 
 Module class names start with an upper-case letter (``Conv2d``, ``GELUActivation``), so a lower-case ``op_types``
-name that is no module type of the model is an op, and a name with ``:`` is an op name. An op's one target is its
+name that is no module type of the model is an op, and a name with ``:`` is an op name. An op's target is its
 output, ``_output_`` (``_output_0``); an entry selecting ops quantizes each selected op's output with its settings.
+``silu`` has a second target, ``_gate_`` (``_gate_0``): the sigmoid inside ``x * sigmoid(x)``, quantized before the
+product, as ONNX Runtime runs SiLU (QLinearSigmoid, then QLinearMul); an entry naming it selects only ``silu``.
 Reads the graph, never the model.
 
 >>> from quantrain.config import parse_config_list
@@ -32,6 +34,9 @@ from quantrain.graph import Call, ModelGraph
 __all__ = ["KNOWN_OPS", "OP_TARGETS", "OpTargetPlan", "entry_selects_ops", "is_op_name", "is_op_type", "plan_op_targets"]
 
 OP_TARGETS = ("_output_", "_output_0")
+GATE_TARGETS = ("_gate_", "_gate_0")
+GATED_OPS = frozenset({"silu"})
+"""Ops computed as ``x * sigmoid(x)`` where a ``_gate_`` target quantizes the sigmoid."""
 
 KNOWN_OPS = frozenset(
     {
@@ -99,10 +104,12 @@ class OpTargetPlan:
     (``'relu'``/``'relu6'``, found by ``fuse='auto'``) the ReLU that alone reads it is applied first, so the output
     is quantized after it, as an integer engine runs the op with its activation."""
 
-    __slots__ = ("activation", "call", "entry_index", "settings")
+    __slots__ = ("activation", "call", "entry_index", "gate", "settings")
 
-    def __init__(self, call: Call, settings, entry_index: int, activation: str | None = None) -> None:
+    def __init__(self, call: Call, settings, entry_index: int, activation: str | None = None, gate: bool = False) -> None:
         self.call, self.settings, self.entry_index, self.activation = call, settings, entry_index, activation
+        self.gate = gate
+        """Whether the sigmoid of a ``silu`` is quantized too (target ``_gate_``)."""
 
     @property
     def name(self) -> str:
@@ -152,7 +159,8 @@ def plan_op_targets(
                 )
                 continue
             activation = activation_of(call) if auto else None
-            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation)
+            gate = entry.target_names is not None and any(name in GATE_TARGETS for name in entry.target_names)
+            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation, gate)
     order = {id(call): position for position, call in enumerate(graph.calls)}
     return tuple(sorted(claimed.values(), key=lambda plan: order[id(plan.call)]))
 
@@ -184,12 +192,24 @@ def _check(entry: ConfigEntry, names: set[str], types: set[str], module_types: s
                 )
     targets = entry.target_names
     if targets is not None:
-        other = [name for name in targets if name not in OP_TARGETS]
+        other = [name for name in targets if name not in OP_TARGETS + GATE_TARGETS]
         if other or not targets:
             raise entry.error(
                 ValueError,
                 "target_names",
-                f"{other or list(targets)}: an op has one target, its output ('_output_'); list ops in an entry of their own",
+                f"{other or list(targets)}: an op's target is its output ('_output_'; silu also has '_gate_'); "
+                "list ops in an entry of their own",
+            )
+        gated = [name for name in targets if name in GATE_TARGETS]
+        if gated and not any(name in OP_TARGETS for name in targets):
+            raise entry.error(ValueError, "target_names", f"{gated}: '_gate_' comes with the op's '_output_'")
+        named_types = {m.group("op") for name in entry.op_names if (m := _OP_NAME.match(name))}
+        selected_types = {name for name in entry.op_types if is_op_type(name, module_types)} | named_types
+        if gated and (not selected_types or not selected_types <= GATED_OPS):
+            raise entry.error(
+                ValueError,
+                "target_names",
+                f"'_gate_' is the sigmoid inside silu; the entry also selects {sorted(selected_types - GATED_OPS) or 'no op'}",
             )
 
 

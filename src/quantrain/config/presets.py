@@ -56,7 +56,7 @@ def deployable_config_list(
     followed only by a ReLU is quantized after it with ``fuse='auto'``.
 
     >>> [entry.get("op_types") for entry in deployable_config_list(target="onnxruntime")][2:]  # doctest: +ELLIPSIS
-    [['LayerNorm', 'GroupNorm', 'AdaptiveAvgPool2d', 'AvgPool2d'], ['add', 'mul', 'cat', ...]]
+    [['LayerNorm', 'GroupNorm', 'AdaptiveAvgPool2d', 'AvgPool2d'], ['add', 'mul', 'cat', ...], ['silu']]
     """
     if target not in TARGETS:
         raise ValueError(f"target must be None or 'onnxruntime', got {target!r}")
@@ -77,5 +77,7 @@ def deployable_config_list(
     if outputs:
         config.append({"op_types": list(outputs), "target_names": ["_output_"], **activations})
     if target == "onnxruntime":
-        config.append({"op_types": list(ONNXRUNTIME_OPS), "target_names": ["_output_"], **activations})
+        config.append({"op_types": [op for op in ONNXRUNTIME_OPS if op != "silu"], "target_names": ["_output_"], **activations})
+        # SiLU as ONNX Runtime runs it, QLinearSigmoid then QLinearMul: its sigmoid is quantized too
+        config.append({"op_types": ["silu"], "target_names": ["_output_", "_gate_"], **activations})
     return config

@@ -150,6 +150,7 @@ def export_onnx(
     strip_root_prefix(graph_model.graph, "model")
     name_quantization_points(graph_model.graph, calls)
     fold_constants(graph_model)
+    fold_zero_pads(graph_model.graph)
     drop_idle_relus(graph_model.graph)
     prune_unused(graph_model.graph)
     for node in propagate_quantization(graph_model.graph):
@@ -598,6 +599,59 @@ def _dequantized_within(node: onnx.NodeProto, constants: dict[str, np.ndarray], 
     return bool(np.all(smallest >= low) and np.all(largest <= high))
 
 
+def fold_zero_pads(graph: onnx.GraphProto) -> int:
+    """Fold each Pad that adds zeros around the spatial dims of a 4-D (or 3-D, 5-D) tensor read only by a Conv into
+    that Conv's ``pads`` (``nn.ZeroPad2d`` before a convolution, as Hugging Face's EfficientNet and MobileNet pad):
+    exact, since a convolution pads with real zero, which integer kernels write as the input's zero point. ONNX
+    Runtime would otherwise run the Pad in float and the convolution after it too. Returns how many it folded."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+    folded = []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in constants or not _pads_with_zeros(pad, graph):
+            continue
+        if len(pad.input) > 3 and pad.input[3]:
+            continue  # padding chosen axes only (opset 18's axes input)
+        readers = consumers.get(pad.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "Conv" or readers[0].input[0] != pad.output[0] or pad.output[0] in outputs:
+            continue
+        conv = readers[0]
+        pads = [int(v) for v in constants[pad.input[1]].flatten()]
+        rank = len(pads) // 2
+        begin, end = pads[:rank], pads[rank:]
+        auto_pad = next((attr.s for attr in conv.attribute if attr.name == "auto_pad"), b"NOTSET")
+        if rank < 3 or any(begin[:2]) or any(end[:2]) or min(pads) < 0 or auto_pad not in (b"NOTSET", b"VALID"):
+            continue  # VALID: no padding of its own (Hugging Face pads explicitly, then convolves with padding="valid")
+        spatial = rank - 2
+        current = next((list(attr.ints) for attr in conv.attribute if attr.name == "pads"), [0] * (2 * spatial))
+        merged = [c + p for c, p in zip(current, [*begin[2:], *end[2:]], strict=True)]
+        kept = [attr for attr in conv.attribute if attr.name not in ("pads", "auto_pad")]
+        del conv.attribute[:]
+        conv.attribute.extend([*kept, helper.make_attribute("pads", merged)])
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    return len(folded)
+
+
+def _pads_with_zeros(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    """Whether a Pad adds zeros (constant mode, no value or 0): real zero is on every quantization grid."""
+    mode = next((attr.s for attr in node.attribute if attr.name == "mode"), b"constant")
+    if mode != b"constant":
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    constants = {init.name: init for init in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    value = constants.get(node.input[2])
+    return value is not None and not numpy_helper.to_array(value).any()
+
+
 def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """After each grid-preserving operator fed by a per-tensor DequantizeLinear, insert the same Q/DQ pair (exact:
     those operators only move or select values already on the grid); after an averaging operator too (not exact).
@@ -612,7 +666,13 @@ def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     for node in graph.node:
         nodes.append(node)
         source = producers.get(node.input[0]) if node.input else None
-        if node.op_type not in PROPAGATE_THROUGH | REQUANTIZE_AFTER or source is None or source.op_type != "DequantizeLinear":
+        if (
+            node.op_type not in PROPAGATE_THROUGH | REQUANTIZE_AFTER | {"Pad"}
+            or source is None
+            or source.op_type != "DequantizeLinear"
+        ):
+            continue
+        if node.op_type == "Pad" and not _pads_with_zeros(node, graph):
             continue
         if any(attr.name == "axis" for attr in source.attribute):
             continue  # per-channel: the layout may change

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -51,6 +52,8 @@ class OpPointPlan:
     settings: Any  # TargetSettings
     activation: str | None = None
     """``'relu'``/``'relu6'``: applied before quantizing (the ReLU after the op then changes nothing)."""
+    gate: bool = False
+    """``silu`` only: computed as ``x * q(sigmoid(x))``, the sigmoid quantized by its own ``_gate_0`` quantizer."""
 
     @property
     def key(self) -> str:
@@ -77,9 +80,17 @@ class OpPoint(nn.Module):
         self.point_name = name
         self.clamp = None if activation is None else CLAMPS[activation]
 
+    @property
+    def gated(self) -> bool:
+        return "_gate_0" in self.fake_quant
+
     def quantize(self, output: Tensor) -> Tensor:
         """The op's output, through its fused activation (if any) and fake quantizer."""
         return self.fake_quant["_output_0"](output, self.clamp)
+
+    def silu(self, x: Tensor) -> Tensor:
+        """``q_out(x * q_gate(sigmoid(x)))``: SiLU as an integer engine runs it, a quantized sigmoid times ``x``."""
+        return self.quantize(x * self.fake_quant["_gate_0"](torch.sigmoid(x)))
 
     def extra_repr(self) -> str:
         return self.point_name
@@ -91,17 +102,21 @@ class _Interceptor(TorchFunctionMode):
         self.points = points
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        output = func(*args, **(kwargs or {}))
         frame = self.points.stack[-1]
-        if frame is None:
-            return output
-        table = self.points.table.get(frame)
+        table = None if frame is None else self.points.table.get(frame)
         if table is None:
-            return output
+            return func(*args, **(kwargs or {}))
         op = op_type(function_name(func))  # `y += x` runs add_, counted with the adds as the graph counts it
         by_index = table.get(op)
         if by_index is None:
-            return output
+            return func(*args, **(kwargs or {}))
+        if op == "silu" and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+            index = self.points.counts.get((frame, op), 0)
+            point = by_index.get(index)
+            if point is not None and point.gated:
+                self.points.counts[(frame, op)] = index + 1
+                return point.silu(args[0])
+        output = func(*args, **(kwargs or {}))
         if isinstance(output, Tensor):
             first = output
         elif isinstance(output, (tuple, list)):
@@ -195,7 +210,7 @@ class _Leave:
 
 
 def build_op_points(
-    model: nn.Module, plans: tuple[OpPointPlan, ...], make: Callable[[OpPointPlan], FakeQuantizer]
+    model: nn.Module, plans: tuple[OpPointPlan, ...], make: Callable[[OpPointPlan, str], FakeQuantizer]
 ) -> tuple[dict[str, OpPoint], OpPoints]:
     """Attach each plan's quantizer to its scope module (child ``op_quant``) and start intercepting."""
     modules = dict(model.named_modules())
@@ -204,7 +219,10 @@ def build_op_points(
         scope = modules[plan.scope]
         if OP_CHILD not in scope._modules:
             scope.add_module(OP_CHILD, nn.ModuleDict())
-        point = OpPoint(nn.ModuleDict({"_output_0": make(plan)}), plan.name, plan.activation)
+        quantizers = {"_output_0": make(plan, "_output_0")}
+        if plan.gate:
+            quantizers["_gate_0"] = make(plan, "_gate_0")
+        point = OpPoint(nn.ModuleDict(quantizers), plan.name, plan.activation)
         scope._modules[OP_CHILD][plan.key] = point
         points[plan.name] = point
     return points, OpPoints(model, points, plans)
