@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py"
 
 
@@ -18,5 +20,7 @@ def test_one_model_row(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["model"] == "mnist_cnn" and row["qat_x_float"] > 0
     assert row["quantrain_vs_ort_static"] == row["ort_static_ms"] / row["quantrain_ms"]
-    assert row["top1_agreement"] == 1.0 and row["parity_steps"] <= 1.0 + 1e-4
+    int8_ms = row.get("quantrain_int8_ms", row["quantrain_ms"])  # a second file only where int8 weights saturate
+    assert row["int8_weights_vs_ort_static"] == pytest.approx(row["ort_static_ms"] / int8_ms, rel=1e-12)
+    assert row["top1_agreement"] == 1.0 and row["parity_steps"] <= 1.0 + 1e-4 and row["float_islands"] == 0
     assert "| mnist_cnn |" in capsys.readouterr().out
