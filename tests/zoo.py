@@ -196,7 +196,9 @@ def _import_torchvision_models() -> tuple[Any, str]:
     import sys
 
     if importlib.util.find_spec("torchvision") is None:
-        return None, "torchvision is not installed (pip install torchvision with the torch pin)"
+        # not in the test extras: next to the CPU torch build, PyPI's torchvision breaks the import of every library
+        # that imports it (transformers, torchmetrics, so Lightning) in processes that do not define the stand-ins
+        return None, "torchvision is not installed (pip install torchvision: the zoo then adds its models)"
     try:
         import torchvision.models
 
