@@ -451,11 +451,17 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every constant value of ``graph`` by name: its initializers and the tensors of its ``Constant`` nodes."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    constants.update((node.output[0], value) for node in graph.node if (value := _constant_value(node)) is not None)
+    return constants
+
+
 def wide_int8_weights(graph: onnx.GraphProto) -> list[str]:
     """The int8 weight DequantizeLinear nodes whose values go beyond [-64, 63], by node name: the layers whose
     products can saturate in ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI."""
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    constants.update((node.output[0], _constant_value(node)) for node in graph.node if _constant_value(node) is not None)
+    constants = graph_constants(graph)
     wide = []
     for node in graph.node:
         q = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
@@ -553,8 +559,7 @@ def drop_idle_relus(graph: onnx.GraphProto) -> int:
     the zero point is the type's minimum (no value is negative), and a Clip when ``[lo, hi]`` holds the whole range
     (e.g. a model's own ReLU6 after a uint8 output with zero point 0 and ``255 * scale <= 6``). Returns how many
     were removed."""
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    constants = graph_constants(graph)
     producers = {output: node for node in graph.node for output in node.output}
     renamed: dict[str, str] = {}
     kept = []
@@ -604,7 +609,7 @@ def fold_zero_pads(graph: onnx.GraphProto) -> int:
     that Conv's ``pads`` (``nn.ZeroPad2d`` before a convolution, as Hugging Face's EfficientNet and MobileNet pad):
     exact, since a convolution pads with real zero, which integer kernels write as the input's zero point. ONNX
     Runtime would otherwise run the Pad in float and the convolution after it too. Returns how many it folded."""
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    constants = graph_constants(graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -612,7 +617,7 @@ def fold_zero_pads(graph: onnx.GraphProto) -> int:
     outputs = {value.name for value in graph.output}
     folded = []
     for pad in graph.node:
-        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in constants or not _pads_with_zeros(pad, graph):
+        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in constants or not _pads_with_zeros(pad, constants):
             continue
         if len(pad.input) > 3 and pad.input[3]:
             continue  # padding chosen axes only (opset 18's axes input)
@@ -639,17 +644,15 @@ def fold_zero_pads(graph: onnx.GraphProto) -> int:
     return len(folded)
 
 
-def _pads_with_zeros(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+def _pads_with_zeros(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
     """Whether a Pad adds zeros (constant mode, no value or 0): real zero is on every quantization grid."""
     mode = next((attr.s for attr in node.attribute if attr.name == "mode"), b"constant")
     if mode != b"constant":
         return False
     if len(node.input) < 3 or not node.input[2]:
         return True
-    constants = {init.name: init for init in graph.initializer}
-    constants.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
     value = constants.get(node.input[2])
-    return value is not None and not numpy_helper.to_array(value).any()
+    return value is not None and not value.any()
 
 
 def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -661,6 +664,7 @@ def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
+    constants = graph_constants(graph) if any(node.op_type == "Pad" for node in graph.node) else {}
     inserted: list[onnx.NodeProto] = []
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -672,7 +676,7 @@ def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             or source.op_type != "DequantizeLinear"
         ):
             continue
-        if node.op_type == "Pad" and not _pads_with_zeros(node, graph):
+        if node.op_type == "Pad" and not _pads_with_zeros(node, constants):
             continue
         if any(attr.name == "axis" for attr in source.attribute):
             continue  # per-channel: the layout may change
