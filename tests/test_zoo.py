@@ -151,7 +151,6 @@ def test_torchvision_classification_models_export_integer_models_that_match(name
 
 TORCHVISION_FLOAT_ISLANDS = {
     "tv_mobilenet_v3_small": {"HardSigmoid", "Mul"},  # Hardswish and the squeeze-excite gate, split by ONNX Runtime
-    "tv_shufflenet_v2_x0_5": {"ReduceMean", "Gemm"},  # x.mean([2, 3]) as global pooling: no integer ReduceMean
 }
 """The float islands that remain in torchvision's models (the others are integer from end to end)."""
 

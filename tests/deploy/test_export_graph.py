@@ -1,5 +1,6 @@
-"""The exported graph: a fused ReLU6 leaves no float Clip, idle Clips are dropped, and a quantization point the
-forward calls more than once gets a distinct node name at each call (ONNX Runtime refuses duplicate names)."""
+"""The exported graph: a fused ReLU6 leaves no float Clip, idle Clips are dropped, a quantization point the forward
+calls more than once gets a distinct node name at each call (ONNX Runtime refuses duplicate names), zero pads fold
+into convolutions and spatial means become global average pools."""
 
 import collections
 
@@ -16,6 +17,7 @@ from quantrain import QATQuantizer, check_parity, deployable_config_list, export
 from quantrain.deploy.export import (
     drop_idle_relus,
     fold_zero_pads,
+    global_average_pools,
     name_quantization_points,
     propagate_quantization,
     unique_node_names,
@@ -288,3 +290,98 @@ def test_pads_that_are_not_zeros_before_a_convolution_stay():
     for mode, value in (("constant", 0.5), ("reflect", 0.0), ("edge", 0.0)):
         kept = graph(mode, value)
         assert fold_zero_pads(kept) == 0 and [n.op_type for n in kept.node] == ["Pad", "Conv"]
+
+
+def _mean_graph(axes, keepdims, rank=4, *, attribute=False, quantized=False):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5][:rank])
+    inputs, initializers = ["x"], []
+    if attribute:
+        mean = helper.make_node("ReduceMean", inputs, ["y"], name="/pool/ReduceMean", keepdims=keepdims, axes=axes)
+    else:
+        initializers.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes"))
+        mean = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="/pool/ReduceMean", keepdims=keepdims)
+    nodes, out = [mean], "y"
+    if quantized:
+        initializers += [
+            numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+            numpy_helper.from_array(np.array(3, np.uint8), "z"),
+        ]
+        nodes.append(helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"], name="/pool/q"))
+        out = "yq"
+    y = helper.make_tensor_value_info(out, TensorProto.UINT8 if quantized else TensorProto.FLOAT, None)
+    return helper.make_graph(nodes, "g", [x], [y], initializers)
+
+
+def test_a_mean_over_every_spatial_dim_keeping_them_becomes_a_global_average_pool():
+    for axes, rank, attribute in (([2, 3], 4, False), ([-1, -2], 4, False), ([2], 3, False), ([2, 3], 4, True)):
+        g = _mean_graph(axes, 1, rank, attribute=attribute)
+        assert global_average_pools(g, [helper.make_opsetid("", 17 if attribute else 18)]) == 1
+        (node,) = g.node
+        assert (node.op_type, list(node.input), node.name, list(node.attribute)) == (
+            "GlobalAveragePool",
+            ["x"],
+            "/pool/GlobalAveragePool",
+            [],
+        )
+
+
+def test_a_mean_dropping_the_spatial_dims_becomes_a_pool_then_a_squeeze_quantized_between_as_the_mean_is():
+    g = _mean_graph([2, 3], 0)
+    assert global_average_pools(g, [helper.make_opsetid("", 18)]) == 1
+    assert [(n.op_type, list(n.input), list(n.output)) for n in g.node] == [
+        ("GlobalAveragePool", ["x"], ["y_pooled"]),
+        ("Squeeze", ["y_pooled", "y_spatial_axes"], ["y"]),
+    ]
+    assert numpy_helper.to_array(g.initializer[-1]).tolist() == [2, 3]
+    g = _mean_graph([3, 2], 0, attribute=True, quantized=True)  # the TorchScript-based exporter's form, then its Q
+    assert global_average_pools(g, [helper.make_opsetid("", 17)]) == 1
+    assert [(n.op_type, list(n.input)) for n in g.node] == [
+        ("GlobalAveragePool", ["x"]),
+        ("QuantizeLinear", ["y_pooled", "s", "z"]),
+        ("DequantizeLinear", ["y_pooled_q", "s", "z"]),
+        ("Squeeze", ["y_pooled_dq", "y_spatial_axes"]),
+        ("QuantizeLinear", ["y", "s", "z"]),
+    ]
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = np.clip(np.round(x.mean(axis=(2, 3)) / 0.1) + 3, 0, 255)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+
+
+def test_other_means_stay():
+    for axes, keepdims, rank in (([1, 2, 3], 1, 4), ([3], 1, 4), ([3], 0, 4), ([1], 0, 3), ([2, 2], 0, 4)):
+        g = _mean_graph(axes, keepdims, rank)
+        assert global_average_pools(g, [helper.make_opsetid("", 18)]) == 0
+        assert [n.op_type for n in g.node] == ["ReduceMean"]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "torch.export"])
+def test_a_functional_spatial_mean_before_a_linear_runs_as_integer_pool_and_gemm(exporter, tmp_path):
+    """torchvision's ShuffleNet pools with ``x.mean([2, 3])``; the ONNX Runtime preset quantizes that mean, and the
+    export writes it as QLinearGlobalAveragePool, so the classifier reads integers."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.fc = nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.relu(self.conv(x)).mean([2, 3]))
+
+    torch.manual_seed(0)
+    model, example = Net(), torch.randn(2, 3, 8, 8)
+    config = deployable_config_list(8, 8, input_module="conv", target="onnxruntime")
+    with pytest.warns(UserWarning, match="selects no module or op"):
+        quantizer = QATQuantizer(model, config, fuse="auto", example_inputs=example)
+    assert list(quantizer.op_points) == ["mean:0"]
+    model(torch.randn(16, 3, 8, 8))
+    model.eval()
+    path = tmp_path / "net.onnx"
+    report = export_onnx(model, example, path, exporter=exporter, opset=18 if exporter == "torch.export" else 17)
+    assert report.float_islands == []
+    ops = collections.Counter(optimized_op_types(path, tmp_path))
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1 and ops["QLinearConv"] == 1
+    assert "ReduceMean" not in ops and "Gemm" not in ops
+    parity = check_parity(model, path, torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    assert parity.outputs[0].top1_agreement == 1.0 and parity.outputs[0].max_diff_in_steps <= 1.0 + 1e-4

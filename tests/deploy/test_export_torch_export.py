@@ -9,11 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from quantrain import QATQuantizer, export_onnx
-from quantrain.deploy.export import global_average_pools
 
 CONFIG = [
     {
@@ -64,24 +62,6 @@ def test_per_tensor_points_carry_no_axis_and_per_channel_weights_keep_theirs(tmp
     axes = {n.name: [a.i for a in n.attribute if a.name == "axis"] for n in qdq}
     assert axes["/0/weight/DequantizeLinear"] == [0] and axes["/4/weight/DequantizeLinear"] == [0]
     assert axes["0._input_0/quantize"] == [] and axes["4._output_0/dequantize"] == []
-
-
-def test_a_reduce_mean_over_every_spatial_dim_becomes_a_global_average_pool_and_no_other():
-    def graph(axes, keepdims, rank=4):
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5][:rank])
-        node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="/pool/ReduceMean", keepdims=keepdims)
-        axes_init = numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-        return helper.make_graph([node], "g", [x], [y], [axes_init])
-
-    for axes, rank in (([2, 3], 4), ([-1, -2], 4), ([2], 3)):
-        g = graph(axes, 1, rank)
-        assert global_average_pools(g) == 1
-        (node,) = g.node
-        assert (node.op_type, list(node.input), node.name) == ("GlobalAveragePool", ["x"], "/pool/GlobalAveragePool")
-    for axes, keepdims in (([2, 3], 0), ([1, 2, 3], 1), ([3], 1)):
-        g = graph(axes, keepdims)
-        assert global_average_pools(g) == 0 and g.node[0].op_type == "ReduceMean"
 
 
 def test_an_unknown_exporter_is_a_value_error_naming_the_choices(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from quantrain.deploy.islands import float_islands
+from quantrain.deploy.islands import INTEGER_KERNELS, float_islands
 
 
 def _graph(nodes, initializers=()):
@@ -91,3 +91,42 @@ def test_two_float_runs_separated_by_a_quantization_are_two_islands():
     ]
     nodes += [q("d", "dq", "d/quantize"), dq("dq", "y", "d/dequantize")]
     assert [island.nodes for island in float_islands(_graph(nodes))] == [("/one/Erf",), ("/two/Pow",)]
+
+
+UNARY = ("Sigmoid", "Softmax", "LeakyRelu", "GlobalAveragePool", "HardSigmoid", "HardSwish", "Gelu", "Tanh", "ReduceMean")
+
+
+def test_the_kernel_list_says_what_this_onnx_runtime_fuses_between_a_dequantize_and_a_quantize(tmp_path):
+    """For each unary operator: ONNX Runtime's optimized graph of ``DequantizeLinear -> op -> QuantizeLinear`` is
+    one integer kernel exactly when INTEGER_KERNELS lists the op, and otherwise an island with that reason."""
+    import onnx
+    import onnxruntime as ort
+
+    fused = {}
+    for op in UNARY:
+        x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 8, 8])
+        nodes = [
+            dq("x", "a", "in/dequantize"),
+            helper.make_node(op, ["a"], ["b"], name=f"/act/{op}"),
+            q("b", "y", "out/quantize"),
+        ]
+        y = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+        scale = numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")
+        zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "z")
+        model = helper.make_model(
+            helper.make_graph(nodes, "g", [x], [y], [scale, zero]), opset_imports=[helper.make_opsetid("", 20)]
+        )
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{op}.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(tmp_path / f"{op}.onnx")).graph
+        fused[op] = "DequantizeLinear" not in [node.op_type for node in optimized.node]
+        islands = float_islands(optimized)
+        if fused[op]:
+            assert islands == [], op
+        else:
+            reasons = [island.reason for island in islands]
+            assert reasons and all(reason.startswith("no integer kernel in ONNX Runtime for ") for reason in reasons), op
+    assert {op for op, yes in fused.items() if yes} == {op for op in UNARY if op in INTEGER_KERNELS}
+    assert fused == {op: op in ("Sigmoid", "Softmax", "LeakyRelu", "GlobalAveragePool") for op in UNARY}

@@ -16,15 +16,18 @@ ONNXRUNTIME_OPS = (
     "cat",
     "matmul",
     "sigmoid",
+    "hardsigmoid",
     "silu",
     "hardswish",
     "gelu",
     "softmax",
     "scaled_dot_product_attention",
     "adaptive_avg_pool2d",
+    "mean",
 )
 """Functional ops whose outputs ``target='onnxruntime'`` quantizes: those ONNX Runtime runs in integer (QLinearAdd,
-QLinearMul, QLinearConcat, QLinearMatMul, QLinearSigmoid, QLinearGlobalAveragePool) and the activations without an
+QLinearMul, QLinearConcat, QLinearMatMul, QLinearSigmoid, QLinearGlobalAveragePool, which a mean over the spatial
+dims exports as) and the activations without an
 integer kernel whose output feeds a layer that has one (SiLU, Hardswish, GELU, Softmax: their inputs are dequantized,
 their outputs quantized again, so the next Conv/Gemm/MatMul runs in integer)."""
 

@@ -150,6 +150,7 @@ def export_onnx(
     strip_root_prefix(graph_model.graph, "model")
     name_quantization_points(graph_model.graph, calls)
     fold_constants(graph_model)
+    global_average_pools(graph_model.graph, graph_model.opset_import)
     fold_zero_pads(graph_model.graph)
     drop_idle_relus(graph_model.graph)
     prune_unused(graph_model.graph)
@@ -227,30 +228,84 @@ def _export_with_torch_export(traced, inputs, opset, names, out_names, dynamic_b
     model = program.model_proto
     name_from_scopes(model.graph)
     drop_default_axes(model.graph)
-    global_average_pools(model.graph)
     return model
 
 
-def global_average_pools(graph: onnx.GraphProto) -> int:
-    """Write each ``ReduceMean`` over all spatial dims with ``keepdims=1`` (how the torch.export-based exporter
-    writes ``adaptive_avg_pool2d(x, 1)``) as ``GlobalAveragePool``, which ONNX Runtime runs in integer
-    (QLinearGlobalAveragePool) and the TorchScript-based exporter writes. Returns how many it rewrote."""
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in [*graph.value_info, *graph.input]}
+def global_average_pools(graph: onnx.GraphProto, opsets=()) -> int:
+    """Write each ``ReduceMean`` over all spatial dims as ``GlobalAveragePool``, which ONNX Runtime runs in integer
+    (QLinearGlobalAveragePool) where ``ReduceMean`` has no integer kernel. ``keepdims=1`` (how the torch.export-based
+    exporter writes ``adaptive_avg_pool2d(x, 1)``) is the pool itself; ``keepdims=0`` (``x.mean([2, 3])``, the global
+    pool of torchvision's ShuffleNet) is the pool, then a ``Squeeze`` of the spatial axes, with the mean's own
+    quantization (the QuantizeLinear that alone reads it) repeated between the two, so the pool reads and writes
+    integers and the Squeeze moves them. The axes may be an input (opset 18) or an attribute (opset 17, the
+    TorchScript-based exporter). ``opsets``: the model's opset imports, for shape inference where the graph records
+    no shapes. Returns how many it rewrote."""
+    constants = graph_constants(graph)
+    ranks = _ranks(graph, opsets)
+    nodes = list(graph.node)
+    consumers: dict[str, list[int]] = {}
+    for position, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(position)
+    before: dict[int, list[onnx.NodeProto]] = {}  # a node's position -> the nodes to insert before it
+    after: dict[int, list[onnx.NodeProto]] = {}
     rewritten = 0
-    for node in graph.node:
-        if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in constants:
+    for position, node in enumerate(nodes):
+        if node.op_type != "ReduceMean":
             continue
+        attributes = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        if len(node.input) >= 2 and node.input[1]:
+            if node.input[1] not in constants:
+                continue
+            axes = [int(axis) for axis in constants[node.input[1]].flatten()]
+        else:
+            axes = list(attributes.get("axes", ()))
         rank = ranks.get(node.input[0], 0)
-        keepdims = next((attr.i for attr in node.attribute if attr.name == "keepdims"), 1)
-        axes = {int(axis) % rank for axis in constants[node.input[1]].flatten()} if rank else set()
-        if rank >= 3 and keepdims == 1 and axes == set(range(2, rank)):
-            node.op_type = "GlobalAveragePool"
-            del node.input[1:]
-            del node.attribute[:]
-            node.name = node.name.rpartition("/")[0] + "/GlobalAveragePool"
-            rewritten += 1
+        if rank < 3 or len(axes) != rank - 2 or {axis % rank for axis in axes} != set(range(2, rank)):
+            continue
+        base = node.name.rpartition("/")[0]
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        node.name = f"{base}/GlobalAveragePool"
+        rewritten += 1
+        if attributes.get("keepdims", 1):
+            continue
+        mean = node.output[0]
+        pooled = node.output[0] = f"{mean}_pooled"
+        spatial = f"{mean}_spatial_axes"
+        graph.initializer.append(numpy_helper.from_array(np.arange(2, rank, dtype=np.int64), spatial))
+        readers = consumers.get(mean, [])
+        quantize = nodes[readers[0]] if len(readers) == 1 and nodes[readers[0]].op_type == "QuantizeLinear" else None
+        if quantize is None or any(attr.name == "axis" for attr in quantize.attribute):
+            after[position] = [helper.make_node("Squeeze", [pooled, spatial], [mean], name=f"{base}/Squeeze")]
+            continue
+        params = list(quantize.input[1:])  # placed before the mean's QuantizeLinear, which reads them
+        before[readers[0]] = [
+            helper.make_node("QuantizeLinear", [pooled, *params], [f"{pooled}_q"], name=f"{base}/GlobalAveragePool_q"),
+            helper.make_node("DequantizeLinear", [f"{pooled}_q", *params], [f"{pooled}_dq"], name=f"{base}/GlobalAveragePool_dq"),
+            helper.make_node("Squeeze", [f"{pooled}_dq", spatial], [mean], name=f"{base}/Squeeze"),
+        ]
+    if before or after:
+        ordered = [new for at, node in enumerate(nodes) for new in (*before.get(at, ()), node, *after.get(at, ()))]
+        del graph.node[:]
+        graph.node.extend(ordered)
     return rewritten
+
+
+def _ranks(graph: onnx.GraphProto, opsets) -> dict[str, int]:
+    """The rank of each tensor whose shape the graph records, or ONNX's shape inference finds where it records none
+    for a ReduceMean's input."""
+
+    def ranks(values) -> dict[str, int]:
+        return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+    known = ranks([*graph.value_info, *graph.input])
+    if all(node.input[0] in known for node in graph.node if node.op_type == "ReduceMean"):
+        return known
+    opsets = list(opsets) or [helper.make_opsetid("", 17)]
+    inferred = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=opsets))
+    return {**ranks(inferred.graph.value_info), **known}
 
 
 def drop_default_axes(graph: onnx.GraphProto) -> None:
