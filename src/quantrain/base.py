@@ -22,6 +22,7 @@ from quantrain.config.ops import OpTargetPlan, entry_selects_ops, plan_op_target
 from quantrain.config.parse import parse_config_list
 from quantrain.config.resolve import ModulePlan, TargetKind, float_type, resolve
 from quantrain.config.settings import GranularityKind
+from quantrain.describe import Description, describe
 from quantrain.distributed import RangeSync, broadcast_state, check_same_layout
 from quantrain.evaluator import Evaluator
 from quantrain.fake_quantizer import FakeQuantizer
@@ -431,6 +432,13 @@ class Quantizer:
     def quantized_modules(self) -> dict[str, nn.Module]:
         """The quantized modules by name."""
         return dict(self._modules)
+
+    def describe(self) -> Description:
+        """Every quantization point, named as a config names it, in the order the forward runs them, and every op
+        of the forward that a config could name but none quantizes; ``print()`` it for a table (see
+        :mod:`quantrain.describe`)."""
+        self._check_wrapped()
+        return describe(self.bound_model, self._holders(), self.graph)
 
     def get_calibration_config(self) -> CalibrationConfig:
         """``{module: {target: {scale, zero_point, quant_dtype, quant_scheme, quant_bits, tracked_min, tracked_max}}}``

@@ -74,10 +74,13 @@ def function_name(func: Callable) -> str:
 class OpPoint(nn.Module):
     """One op's quantizers, keyed by target (``_output_0``), as a quantized module keeps its own."""
 
-    def __init__(self, fake_quant: nn.ModuleDict, name: str, activation: str | None = None) -> None:
+    def __init__(self, fake_quant: nn.ModuleDict, name: str, activation: str | None = None, op: str = "") -> None:
         super().__init__()
         self.fake_quant = fake_quant
         self.point_name = name
+        self.op_type = op
+        self.activation = activation
+        """``'relu'``/``'relu6'``: the activation applied before quantizing (see :class:`OpPointPlan`)."""
         self.clamp = None if activation is None else CLAMPS[activation]
 
     @property
@@ -222,7 +225,7 @@ def build_op_points(
         quantizers = {"_output_0": make(plan, "_output_0")}
         if plan.gate:
             quantizers["_gate_0"] = make(plan, "_gate_0")
-        point = OpPoint(nn.ModuleDict(quantizers), plan.name, plan.activation)
+        point = OpPoint(nn.ModuleDict(quantizers), plan.name, plan.activation, plan.op)
         scope._modules[OP_CHILD][plan.key] = point
         points[plan.name] = point
     return points, OpPoints(model, points, plans)
