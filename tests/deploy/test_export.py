@@ -12,7 +12,7 @@ from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, export_onnx
 from quantrain.config.presets import deployable_config_list
 from quantrain.demo import build_model, load_digits
-from quantrain.deploy.export import propagate_quantization
+from quantrain.deploy.export import graph_constants, propagate_quantization
 from quantrain.deploy.runtime import u8s8_saturates
 
 
@@ -150,8 +150,7 @@ def test_sub_8_bit_weights_are_int8_containers_and_activation_differences_are_re
     report = export_onnx(model, digits[2][:2], tmp_path / "w4.onnx")
     assert any("int4 is exported in int8" in note for note in report.notes)
     graph = onnx.load(str(tmp_path / "w4.onnx")).graph
-    constants = [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
-    int8_weights = [c for c in constants if c.dtype == np.int8 and c.ndim > 1]
+    int8_weights = [c for c in graph_constants(graph).values() if c.dtype == np.int8 and c.ndim > 1]
     assert int8_weights and all(c.min() >= -7 and c.max() <= 7 for c in int8_weights)
 
 

@@ -65,7 +65,7 @@ def test_per_tensor_points_carry_no_axis_and_per_channel_weights_keep_theirs(tmp
 
 
 def test_an_unknown_exporter_is_a_value_error_naming_the_choices(tmp_path):
-    with pytest.raises(ValueError, match=r"exporter must be one of \['torchscript', 'torch.export'\], got 'dynamo'"):
+    with pytest.raises(ValueError, match=r"exporter must be one of \['torch.export', 'torchscript'\], got 'dynamo'"):
         export_onnx(_model(), torch.randn(2, 1, 8, 8), tmp_path / "m.onnx", exporter="dynamo")
     assert not (tmp_path / "m.onnx").exists()
 
