@@ -7,7 +7,8 @@ op, ``layer1.0.add:0``: the first ``+`` in the forward of ``layer1.0``; see :mod
 granularity, what is fused into it (a folded BatchNorm, the ReLU its output is quantized after) and its scale once
 observed. Then a row per op that computes floats and is not quantized (``-`` in the target column), so that its
 name can be copied into an ``op_names`` entry; ops that only move values (views, reshapes, indexing) keep their
-input's quantization and are counted, not listed.
+input's quantization (the ops integer bias passes through, ``quantrain.config.bias.GRID_OPS``) and are counted,
+not listed.
 
 >>> import torch
 >>> from torch import nn
@@ -36,39 +37,13 @@ from typing import Any
 
 from torch import nn
 
+from quantrain.config.bias import GRID_OPS
+from quantrain.config.resolve import float_type
 from quantrain.fake_quantizer import FakeQuantizer
 from quantrain.graph import CallKind, ModelGraph
+from quantrain.wrapping.op_points import OpPoint
 
-__all__ = ["DATA_MOVEMENT_OPS", "Description", "PointRow", "describe"]
-
-DATA_MOVEMENT_OPS = frozenset(
-    {
-        "view",
-        "reshape",
-        "flatten",
-        "permute",
-        "transpose",
-        "contiguous",
-        "getitem",
-        "squeeze",
-        "unsqueeze",
-        "expand",
-        "split",
-        "chunk",
-        "unbind",
-        "clone",
-        "to",
-        "type_as",
-        "dropout",
-        "detach",
-        "max_pool2d",
-        "max_pool1d",
-        "pad",
-        "relu",
-    }
-)
-"""Ops whose output stays on their input's quantization grid (export propagates the input's quantization through
-them), so there is nothing to quantize at their output: counted in a description, not listed."""
+__all__ = ["Description", "PointRow", "describe"]
 
 
 @dataclass(frozen=True)
@@ -164,7 +139,7 @@ def describe(model: nn.Module, holders: dict[str, nn.Module], graph: ModelGraph 
                 rows.extend(_rows(call.name, "op", holders[call.name]))
                 listed.add(call.name)
             elif call.kind is CallKind.OP and call.floating:
-                if call.op_type in DATA_MOVEMENT_OPS:
+                if call.op_type in GRID_OPS:  # they keep their input's quantization
                     moving += 1
                 else:
                     rows.append(PointRow(call.name, "op", call.op_type, None))
@@ -175,8 +150,7 @@ def describe(model: nn.Module, holders: dict[str, nn.Module], graph: ModelGraph 
 
 
 def _rows(name: str, kind: str, holder: nn.Module) -> Iterator[PointRow]:
-    module_type = getattr(type(holder), "_float_class", None)
-    type_name = module_type.__name__ if module_type is not None else getattr(holder, "op_type", type(holder).__name__)
+    type_name = holder.op_type if isinstance(holder, OpPoint) else float_type(holder).__name__
     folded, activation = _fused(holder)
     for target, fq in sorted(holder.fake_quant.items(), key=lambda item: _ORDER.get(item[0].rstrip("0123456789"), 1)):
         assert isinstance(fq, FakeQuantizer)
