@@ -49,18 +49,34 @@ def _batch(example, seed=7):
     return torch.randn((16, *example.shape[1:]), generator=generator)
 
 
-def _check(model, example, path, last_layer, exporter="torchscript", max_steps=1.0, min_top1=0.999):
+def _check(model, example, path, last_layer, exporter="torchscript"):
+    """Export, then parity: within one output step and 99.9% top-1 agreement, or, where the model's own float32
+    forward is further than that from the same model in float64 (deep random-weight CNNs amplify rounding), ONNX
+    Runtime no further from the float64 forward than PyTorch's float32 forward is, plus one step, and agreeing on
+    top-1 with it as often, but for one sample."""
     # the placement tests export through the faster fallback; every zoo model also goes through the default
     # exporter in test_the_torch_export_based_exporter_writes_the_same_integer_model
     export = export_onnx(model.eval(), example, path, exporter=exporter)
-    report = check_parity(model, path, _batch(example))
-    output = report.outputs[0]
-    assert output.top1_agreement is None or output.top1_agreement >= min_top1, report
-    steps = output.max_diff_in_steps
-    if steps is None:  # the output indexes the last layer's (GPT-2 picks each sequence's last token): its steps
-        steps = output.max_abs_diff / model.get_submodule(last_layer).fake_quant["_output_0"].scale.item()
-    assert steps <= max_steps + 1e-4, report
+    batch = _batch(example)
+    report = check_parity(model, path, batch, float64=True)
+    output, own, onnx_ = report.outputs[0], report.pytorch_vs_float64[0], report.onnx_vs_float64[0]
+    scale = 1.0
+    if output.max_diff_in_steps is None:  # the output indexes the last layer's (GPT-2 picks each sequence's last token)
+        scale = model.get_submodule(last_layer).fake_quant["_output_0"].scale.item()
+    steps, own_steps, onnx_steps = (
+        o.max_abs_diff / scale if o.max_diff_in_steps is None else o.max_diff_in_steps for o in (output, own, onnx_)
+    )
+    top1 = output.top1_agreement
+    if steps <= 1 + 1e-4 and (top1 is None or top1 >= 0.999):
+        return export
+    assert onnx_steps <= max(own_steps, 1.0) + 1 + 1e-4, report
+    assert top1 is None or onnx_.top1_agreement >= own.top1_agreement - 1 / len(_rows(batch)) - 1e-9, report
+    assert any("amplifies float32 rounding" in note for note in report.notes), report.notes
     return export
+
+
+def _rows(batch):
+    return batch["input_ids"] if isinstance(batch, dict) else batch
 
 
 def _quantize_for_onnxruntime(name):
@@ -142,8 +158,7 @@ def test_torchvision_classification_models_export_integer_models_that_match(name
         pytest.skip(zoo.TORCHVISION_STATUS)
     model, example = _quantize_for_onnxruntime(name)
     path = tmp_path / f"{name}.onnx"
-    steps, top1 = TORCHVISION_PARITY.get(name, (1.0, 0.999))
-    report = _check(model, example, path, "", max_steps=steps, min_top1=top1)
+    report = _check(model, example, path, "")
     ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert not {"Relu", "Clip"} & set(ops), ops
     islands = {op for island in report.float_islands for op in island.op_types}
@@ -155,9 +170,3 @@ TORCHVISION_FLOAT_ISLANDS = {
     "tv_mobilenet_v3_small": {"HardSigmoid", "Mul"},  # Hardswish and the squeeze-excite gate, split by ONNX Runtime
 }
 """The float islands that remain in torchvision's models (the others are integer from end to end)."""
-
-TORCHVISION_PARITY = {"tv_resnet18": (3.0, 0.93), "tv_regnet_x_400mf": (2.0, 0.999)}
-"""Where parity is not yet within one output step (measured: 3 and 2 steps; ResNet-18 one of 16 top-1 predictions
-differs). Not yet explained; the HF ResNet of the zoo is exact at 32x32. A suspect: ONNX Runtime requantizes a
-layer's int32 sums with one float multiply where the fake-quant model divides its float result by the output
-scale, and values the two round differently compound over 20 layers."""
