@@ -12,7 +12,9 @@ ORT static's median over quantrain's (above 1: quantrain's file is faster). On a
 saturate (x86 without VNNI), quantrain's file stores weights as uint8 (exact there, slower), so ``int8 weights vs ORT
 static`` also times quantrain's export with int8 weights, as ORT static stores them: the same kernels on both sides
 (elsewhere the two columns are one file). ``parity steps``: quantrain's file against its fake-quant model, in
-quantization steps of the output; ``float islands``: what the export names (``report.float_islands``). Models also
+quantization steps of the output; ``float32 / ORT vs float64 steps``: PyTorch's float32 forward and quantrain's file
+against the same model in float64 (``check_parity(..., float64=True)``: how far float32 rounding alone moves the
+output); ``float islands``: what the export names (``report.float_islands``). Models also
 include torchvision's where it imports (tests/zoo.py).
 
     python benchmarks/zoo.py [--runs 100] [--threads 2] [--models hf_resnet ...] [--json zoo.json]
@@ -178,11 +180,14 @@ def measure(name: str, folder: str, runs: int, threads: int, steps: int) -> dict
             weight_type=QuantType.QInt8,
         )
     report = export_onnx(model, examples[0], paths["quantrain"])
-    parity = check_parity(model, paths["quantrain"], examples[1]).outputs[0]
-    steps_off = parity.max_diff_in_steps
-    if steps_off is None:
-        last = test_zoo.LAST_LAYER.get(name)
-        steps_off = parity.max_abs_diff / model.get_submodule(last).fake_quant["_output_0"].scale.item() if last else math.nan
+    checked = check_parity(model, paths["quantrain"], examples[1], float64=True)
+    last = test_zoo.LAST_LAYER.get(name)
+    scale = model.get_submodule(last).fake_quant["_output_0"].scale.item() if last else math.nan
+
+    def in_steps(output) -> float:  # GPT-2's output indexes its last layer's: that layer's steps
+        return output.max_abs_diff / scale if output.max_diff_in_steps is None else output.max_diff_in_steps
+
+    parity = checked.outputs[0]
     if report.weight_dtype != "int8":  # a CPU whose int8-weight kernels saturate: also time the file as ORT stores it
         paths["quantrain_int8"] = os.path.join(folder, f"{name}_quantrain_int8.onnx")
         export_onnx(model, examples[0], paths["quantrain_int8"], weight_dtype="int8")
@@ -198,7 +203,9 @@ def measure(name: str, folder: str, runs: int, threads: int, steps: int) -> dict
         "quantrain_vs_ort_static": median["ort_static"] / median["quantrain"],
         "int8_weights_vs_ort_static": median["ort_static"] / median.get("quantrain_int8", median["quantrain"]),
         "top1_agreement": parity.top1_agreement,
-        "parity_steps": steps_off,
+        "parity_steps": in_steps(parity),
+        "pytorch_vs_float64_steps": in_steps(checked.pytorch_vs_float64[0]),
+        "onnx_vs_float64_steps": in_steps(checked.onnx_vs_float64[0]),
         "op_points": len(quantizer.op_points),
         "notes": report.notes,
         "float_islands": len(report.float_islands),
@@ -221,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = [measure(name, folder, args.runs, args.threads, args.steps) for name in args.models]
     print(
         "\n| model | QAT step x float | fp32 ms | ORT static ms | quantrain ms | ORT static vs fp32 | quantrain vs fp32 "
-        "| quantrain vs ORT static | int8 weights vs ORT static | parity steps | float islands |"
+        "| quantrain vs ORT static | int8 weights vs ORT static | parity steps | float32 / ORT vs float64 steps "
+        "| float islands |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['qat_x_float']:.2f}x | {r['fp32_ms']:.2f} | {r['ort_static_ms']:.2f} | {r['quantrain_ms']:.2f} "
             f"| {r['ort_static_vs_fp32']:.2f}x | {r['quantrain_vs_fp32']:.2f}x | {r['quantrain_vs_ort_static']:.2f}x "
-            f"| {r['int8_weights_vs_ort_static']:.2f}x | {r['parity_steps']:.2f} | {r['float_islands']} |"
+            f"| {r['int8_weights_vs_ort_static']:.2f}x | {r['parity_steps']:.2f} "
+            f"| {r['pytorch_vs_float64_steps']:.0f} / {r['onnx_vs_float64_steps']:.0f} | {r['float_islands']} |"
         )
     ratios = [r["quantrain_vs_ort_static"] for r in rows]
     geomean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))

@@ -23,4 +23,5 @@ def test_one_model_row(tmp_path, capsys):
     int8_ms = row.get("quantrain_int8_ms", row["quantrain_ms"])  # a second file only where int8 weights saturate
     assert row["int8_weights_vs_ort_static"] == pytest.approx(row["ort_static_ms"] / int8_ms, rel=1e-12)
     assert row["top1_agreement"] == 1.0 and row["parity_steps"] <= 1.0 + 1e-4 and row["float_islands"] == 0
+    assert row["pytorch_vs_float64_steps"] <= 1.0 + 1e-4 and row["onnx_vs_float64_steps"] <= 1.0 + 1e-4
     assert "| mnist_cnn |" in capsys.readouterr().out
