@@ -16,6 +16,7 @@ from helpers import optimized_op_types
 from quantrain import QATQuantizer, check_parity, deployable_config_list, export_onnx
 from quantrain.deploy.export import (
     drop_idle_relus,
+    fold_constants,
     fold_zero_pads,
     global_average_pools,
     name_quantization_points,
@@ -290,6 +291,28 @@ def test_pads_that_are_not_zeros_before_a_convolution_stay():
     for mode, value in (("constant", 0.5), ("reflect", 0.0), ("edge", 0.0)):
         kept = graph(mode, value)
         assert fold_zero_pads(kept) == 0 and [n.op_type for n in kept.node] == ["Pad", "Conv"]
+
+
+def test_constant_arithmetic_is_folded_and_what_onnx_cannot_evaluate_is_left_for_onnx_runtime():
+    # BERT's token-type buffer is gathered along 512 positions; onnx's evaluator takes at most 64 (numpy.choose)
+    data = np.arange(100, dtype=np.int64).reshape(1, 100)
+    index = np.array([[99, 0, 64, 65]], dtype=np.int64)
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [1, 4])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.INT64, None) for name in ("y", "z")]
+    nodes = [
+        helper.make_node("Mul", ["two", "three"], ["six"], name="/mul"),
+        helper.make_node("Add", ["x", "six"], ["y"], name="/add"),
+        helper.make_node("GatherElements", ["data", "index"], ["z"], name="/gather", axis=1),
+    ]
+    constants = [numpy_helper.from_array(v, n) for n, v in (("two", np.array(2)), ("three", np.array(3)), ("data", data))]
+    constants.append(numpy_helper.from_array(index, "index"))
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, constants), opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_constants(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Add", "GatherElements"]
+    assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "six")) == 6
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, z = session.run(None, {"x": np.array([[1, 2, 3, 4]], dtype=np.int64)})
+    assert y.tolist() == [[7, 8, 9, 10]] and z.tolist() == [[99, 0, 64, 65]]
 
 
 def _mean_graph(axes, keepdims, rank=4, *, attribute=False, quantized=False):
