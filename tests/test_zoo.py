@@ -97,6 +97,7 @@ def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, t
     report = _check(model, example, path, LAST_LAYER.get(name, ""))
     ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert not {"Relu", "Clip"} & set(ops), ops  # every ReLU/ReLU6 folded into the op before it
+    assert _float_layers(tmp_path / "optimized.onnx") == []  # every layer with weights runs in integer
     if name in ("mnist_cnn", "hf_resnet", "hf_mobilenet_v2", "hf_regnet", "hf_efficientnet"):
         assert not {"Conv", "Gemm", "MatMul", "Add", "Mul", "MatMulNBits"} & set(ops), ops  # integer from end to end
         assert report.float_islands == []
@@ -107,6 +108,21 @@ def test_the_onnxruntime_placement_exports_an_integer_model_that_matches(name, t
         )
         names = set(optimized_node_names(path, tmp_path))
         assert all(set(island.nodes) <= names for island in report.float_islands)
+
+
+def _float_layers(path):
+    """The nodes of an optimized graph that multiply by weights in float: Conv, Gemm, weight-only MatMulNBits, and
+    MatMuls with a constant operand (attention's activation-by-activation products are float islands instead)."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    constants = {init.name for init in graph.initializer}
+    return [
+        f"{node.op_type} {node.name}"
+        for node in graph.node
+        if node.op_type in ("Conv", "Gemm", "MatMulNBits")
+        or (node.op_type in ("MatMul", "FusedMatMul") and any(name in constants for name in node.input))
+    ]
 
 
 @pytest.mark.parametrize("name", ["mnist_cnn", "hf_resnet", "hf_bert"])
@@ -152,15 +168,16 @@ def test_the_torch_export_based_exporter_writes_the_same_integer_model(name, tmp
     [pytest.param(name, marks=() if name == "tv_resnet18" else pytest.mark.slow) for name in sorted(zoo.TORCHVISION_FIRST_LAYER)],
 )
 def test_torchvision_classification_models_export_integer_models_that_match(name, tmp_path):
-    """torchvision's own model code (see zoo.TORCHVISION_STATUS for how it imported here): integer end to end
-    wherever ONNX Runtime has the kernels, each float island named."""
+    """torchvision's own model code (see zoo.TORCHVISION_STATUS for how it imported here), exported through the
+    default exporter: integer end to end wherever ONNX Runtime has the kernels, each float island named."""
     if zoo.TORCHVISION_MODELS is None:
         pytest.skip(zoo.TORCHVISION_STATUS)
     model, example = _quantize_for_onnxruntime(name)
     path = tmp_path / f"{name}.onnx"
-    report = _check(model, example, path, "")
+    report = _check(model, example, path, "", exporter="torch.export")
     ops = collections.Counter(optimized_op_types(path, tmp_path))
     assert not {"Relu", "Clip"} & set(ops), ops
+    assert _float_layers(tmp_path / "optimized.onnx") == []
     islands = {op for island in report.float_islands for op in island.op_types}
     assert islands == TORCHVISION_FLOAT_ISLANDS.get(name, set()), report.notes
     assert [island.note for island in report.float_islands] == report.notes[len(report.notes) - len(report.float_islands) :]

@@ -152,6 +152,19 @@ def test_op_types_match_custom_class_names():
     assert selected(model, {"op_types": ["TwoInputs"], "target_names": ["_input_"]}) == ["1"]
 
 
+def test_op_types_match_a_subclass_by_its_own_name_unless_subclasses_are_included():
+    model = nn.Sequential(nn.Linear(2, 2), MyLinear(2, 2), nn.ReLU())
+    assert selected(model, {"op_types": ["Linear"]}) == ["0"]  # as NNI: the class's own name
+    assert selected(model, {"op_types": ["MyLinear"]}) == ["1"]
+    assert selected(model, {"op_types": ["Linear"], "include_subclasses": True}) == ["0", "1"]
+    assert selected(model, {"op_types": ["MyLinear"], "include_subclasses": True}) == ["1"]  # not its base
+    entry = {"op_names_re": [".*"], "exclude_op_types": ["Linear", "Sequential"], "include_subclasses": True}
+    assert selected(model, entry) == ["2"]
+    assert selected(model, {**entry, "include_subclasses": False}) == ["1", "2"]
+    with pytest.warns(UserWarning, match=r"config_list\[0\] selects no module"):  # nn.Module itself matches nothing
+        assert plans_for(model, [{"op_types": ["Module"], "include_subclasses": True}]) == ()
+
+
 def test_entry_that_selects_nothing_warns_and_plans_nothing():
     with pytest.warns(UserWarning, match=r"config_list\[0\] selects no module of Net"):
         assert plans_for(Net(), [{"op_types": ["Conv3d"]}]) == ()

@@ -215,6 +215,42 @@ def test_propagation_inserts_the_same_qdq_after_grid_preserving_ops():
     assert graph.node[-1].output[0] == "y"
 
 
+def test_propagation_quantizes_each_part_of_a_split_and_what_gather_and_slice_select():
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = {"s": np.array(0.5, np.float32), "z": np.array(3, np.uint8), "split": np.array([1, 3], np.int64)}
+    constants |= {"index": np.array(0, np.int64), "starts": np.array([1]), "ends": np.array([3]), "axes": np.array([1])}
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["x"]),
+        helper.make_node("Split", ["x", "split"], ["a", "b"], name="/split", axis=1),
+        helper.make_node("Gather", ["x", "index"], ["g"], name="/gather", axis=1),
+        helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["c"], name="/slice"),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("a", "b", "g", "c")]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [2, 4])],
+        outputs,
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    assert [n.name for n in propagate_quantization(graph)] == ["/split", "/gather", "/slice"]
+    pairs = [n.name for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert pairs == ["", "/split_q_0", "/split_dq_0", "/split_q_1", "/split_dq_1", "/gather_q", "/gather_dq"] + [
+        "/slice_q",
+        "/slice_dq",
+    ]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q = np.array([[3, 5, 7, 9], [0, 255, 4, 6]], np.uint8)
+    x = (q.astype(np.float32) - 3) * 0.5
+    a, b, g, c = session.run(None, {"q": q})  # on the grid already: the pairs change nothing
+    np.testing.assert_array_equal(a, x[:, :1])
+    np.testing.assert_array_equal(b, x[:, 1:])
+    np.testing.assert_array_equal(g, x[:, 0])
+    np.testing.assert_array_equal(c, x[:, 1:3])
+
+
 def test_idle_relus_after_zero_based_dequantization_are_dropped():
     from onnx import TensorProto, helper
 

@@ -23,7 +23,15 @@ __all__ = ["ConfigEntry", "parse_config_list", "canonical_target_name"]
 SELECTION_KEYS = ("op_types", "op_names", "op_names_re")
 EXCLUSION_KEYS = ("exclude_op_types", "exclude_op_names", "exclude_op_names_re")
 SETTING_KEYS = ("quant_dtype", "quant_scheme", "granularity", "apply_method", "quant_bits")
-ENTRY_KEYS = (*SELECTION_KEYS, *EXCLUSION_KEYS, "target_names", "target_settings", "fuse_names", *SETTING_KEYS)
+ENTRY_KEYS = (
+    *SELECTION_KEYS,
+    *EXCLUSION_KEYS,
+    "include_subclasses",
+    "target_names",
+    "target_settings",
+    "fuse_names",
+    *SETTING_KEYS,
+)
 MAX_SLOT_DIGITS = 9
 """``_input_N`` / ``_output_N``: N has at most this many digits."""
 
@@ -51,6 +59,9 @@ class ConfigEntry:
     exclude_op_types: tuple[str, ...] = ()
     exclude_op_names: tuple[str, ...] = ()
     exclude_op_names_re: tuple[re.Pattern[str], ...] = ()
+    include_subclasses: bool = False
+    """Whether ``op_types``/``exclude_op_types`` also match subclasses of the named classes (a class whose MRO has
+    a class of that name: Hugging Face's ``ConvNextLayerNorm(nn.LayerNorm)`` is then a ``"LayerNorm"``)."""
     target_names: tuple[str, ...] | None = None
     settings: TargetSettings = field(default_factory=TargetSettings)
     target_settings: Mapping[str, TargetSettings] = field(default_factory=lambda: MappingProxyType({}))
@@ -101,6 +112,10 @@ def _parse_entry(index: int, raw: object) -> ConfigEntry:
         fields[key] = _string_list(raw, key)
     for key in ("op_names_re", "exclude_op_names_re"):
         fields[key] = tuple(_compile(key, pattern) for pattern in _string_list(raw, key))
+    subclasses = raw.get("include_subclasses", False)
+    if not isinstance(subclasses, bool):
+        raise _EntryError(TypeError, "include_subclasses", f"must be True or False, got {shown(subclasses)}")
+    fields["include_subclasses"] = subclasses
     top_level = {key: raw[key] for key in SETTING_KEYS if key in raw}
     settings = _parse_settings(top_level, "")
     fields["target_names"] = _parse_target_names(raw)

@@ -20,6 +20,7 @@ ONNXRUNTIME_OPS = (
     "silu",
     "hardswish",
     "gelu",
+    "tanh",
     "softmax",
     "scaled_dot_product_attention",
     "adaptive_avg_pool2d",
@@ -28,12 +29,13 @@ ONNXRUNTIME_OPS = (
 """Functional ops whose outputs ``target='onnxruntime'`` quantizes: those ONNX Runtime runs in integer (QLinearAdd,
 QLinearMul, QLinearConcat, QLinearMatMul, QLinearSigmoid, QLinearGlobalAveragePool, which a mean over the spatial
 dims exports as) and the activations without an
-integer kernel whose output feeds a layer that has one (SiLU, Hardswish, GELU, Softmax: their inputs are dequantized,
+integer kernel whose output feeds a layer that has one (SiLU, Hardswish, GELU, Tanh, Softmax: their inputs are dequantized,
 their outputs quantized again, so the next Conv/Gemm/MatMul runs in integer)."""
 
 ONNXRUNTIME_MODULE_OUTPUTS = ("LayerNorm", "GroupNorm", "AdaptiveAvgPool2d", "AvgPool2d")
 """Modules with parameters (or ``nn`` pooling classes) whose outputs ``target='onnxruntime'`` quantizes, for the
-same reason: the layer after a LayerNorm reads integers."""
+same reason: the layer after a LayerNorm reads integers. Their subclasses too (``include_subclasses``), so a
+library's own norm layer (Hugging Face's ``ConvNextLayerNorm``) is quantized as the ``nn`` class it derives from."""
 
 
 def deployable_config_list(
@@ -78,7 +80,9 @@ def deployable_config_list(
         [*output_op_types, *(t for t in ONNXRUNTIME_MODULE_OUTPUTS if t not in output_op_types)] if target else output_op_types
     )
     if outputs:
-        config.append({"op_types": list(outputs), "target_names": ["_output_"], **activations})
+        # a norm or pool of a library's own class (Hugging Face's ConvNextLayerNorm(nn.LayerNorm)) counts as its base
+        subclasses = {"include_subclasses": True} if target else {}
+        config.append({"op_types": list(outputs), **subclasses, "target_names": ["_output_"], **activations})
     if target == "onnxruntime":
         config.append({"op_types": [op for op in ONNXRUNTIME_OPS if op != "silu"], "target_names": ["_output_"], **activations})
         # SiLU as ONNX Runtime runs it, QLinearSigmoid then QLinearMul: its sigmoid is quantized too

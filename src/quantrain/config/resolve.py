@@ -195,7 +195,8 @@ def resolve(
 def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
     from quantrain.config.ops import KNOWN_OPS, is_op_name, is_op_type
 
-    module_types = {float_type(m).__name__ for m in modules.values()}
+    type_names = {name: _type_names(module, entry.include_subclasses) for name, module in modules.items()}
+    module_types = set().union(*type_names.values())
     for key in ("op_names", "exclude_op_names"):
         for name in getattr(entry, key):
             if name not in modules and not is_op_name(name):
@@ -222,18 +223,27 @@ def _select(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
                 )
     by_name = entry.op_names or entry.op_names_re
     selected = []
-    for name, module in modules.items():
-        type_name = float_type(module).__name__
+    for name in modules:
+        kinds = type_names[name]
         if by_name and not (name in entry.op_names or any(p.match(name) for p in entry.op_names_re)):
             continue
-        if entry.op_types and type_name not in entry.op_types:
+        if entry.op_types and kinds.isdisjoint(entry.op_types):
             continue
-        if name in entry.exclude_op_names or type_name in entry.exclude_op_types:
+        if name in entry.exclude_op_names or not kinds.isdisjoint(entry.exclude_op_types):
             continue
         if any(p.match(name) for p in entry.exclude_op_names_re):
             continue
         selected.append(name)
     return selected
+
+
+def _type_names(module: nn.Module, subclasses: bool) -> set[str]:
+    """The class names an ``op_types`` entry matches ``module`` by: its class's, and with ``subclasses`` those of
+    every module class it derives from (``nn.Module`` itself excepted)."""
+    kind = float_type(module)
+    if not subclasses:
+        return {kind.__name__}
+    return {cls.__name__ for cls in kind.__mro__ if issubclass(cls, nn.Module) and cls is not nn.Module}
 
 
 def _targets(entry: ConfigEntry, name: str, module: nn.Module) -> list[TargetPlan]:

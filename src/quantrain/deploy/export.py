@@ -45,8 +45,12 @@ from quantrain.wrapping.quantized_module import is_quantized
 
 __all__ = ["ExportReport", "export_onnx"]
 
-PROPAGATE_THROUGH = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu"})
-"""Operators whose outputs stay on their input's quantization grid (ReLU too: real zero is always on the grid)."""
+PROPAGATE_THROUGH = frozenset(
+    {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Split", "Identity", "Relu"}
+)
+"""Operators whose outputs stay on their input's quantization grid (ReLU too: real zero is always on the grid);
+Gather, Slice and Split select from their first input (a transformer's ``hidden[:, 0]`` before its classifier,
+ShuffleNet's ``x.chunk(2, dim=1)``)."""
 REQUANTIZE_AFTER = frozenset({"AveragePool", "GlobalAveragePool"})
 """Operators whose outputs leave the grid; quantized again with their input's parameters (not trained)."""
 WEIGHT_DTYPES = ("auto", "int8", "uint8")
@@ -759,19 +763,25 @@ def propagate_quantization(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             continue
         if any(attr.name == "axis" for attr in source.attribute):
             continue  # per-channel: the layout may change
-        if consumers.get(node.output[0]) and all(op == "QuantizeLinear" for op in consumers[node.output[0]]):
-            continue  # already quantized by the model
-
         scale, zero_point = source.input[1], source.input[2]
-        original = node.output[0]
-        quantized = f"{original}_quantized"
-
-        node.output[0] = f"{original}_float"
-        base = node.name or original  # unique_node_names settles any clash left
-        nodes.append(helper.make_node("QuantizeLinear", [node.output[0], scale, zero_point], [quantized], name=f"{base}_q"))
-        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [original], name=f"{base}_dq"))
-        producers[original] = nodes[-1]
-        inserted.append(node)
+        base = node.name or node.output[0]  # unique_node_names settles any clash left
+        pairs = 0
+        for index, original in enumerate(node.output):  # a Split has one output per part
+            if not original or (consumers.get(original) and all(op == "QuantizeLinear" for op in consumers[original])):
+                continue  # unused, or already quantized by the model
+            suffix = f"_{index}" if len(node.output) > 1 else ""
+            quantized = f"{original}_quantized"
+            node.output[index] = f"{original}_float"
+            nodes.append(
+                helper.make_node("QuantizeLinear", [node.output[index], scale, zero_point], [quantized], name=f"{base}_q{suffix}")
+            )
+            nodes.append(
+                helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [original], name=f"{base}_dq{suffix}")
+            )
+            producers[original] = nodes[-1]
+            pairs += 1
+        if pairs:
+            inserted.append(node)
 
     del graph.node[:]
     graph.node.extend(nodes)
