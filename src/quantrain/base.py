@@ -256,7 +256,9 @@ class Quantizer:
         """A quantizer on the output of each planned op (see :mod:`quantrain.wrapping.op_points`)."""
         if not op_plans:
             return {}, None
-        plans = tuple(OpPointPlan(p.call.scope, p.call.op_type, p.call.index, p.settings, p.activation, p.gate) for p in op_plans)
+        plans = tuple(
+            OpPointPlan(p.call.scope, p.call.op_type, p.call.index, p.settings, p.activation, p.inner) for p in op_plans
+        )
         tracking = self._tracking(TargetKind.OUTPUT)
 
         def make(plan: OpPointPlan, target: str) -> FakeQuantizer:

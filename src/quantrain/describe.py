@@ -168,7 +168,7 @@ def _rows(name: str, kind: str, holder: nn.Module) -> Iterator[PointRow]:
         )
 
 
-_ORDER = {"_input_": 0, "_output_": 2, "_gate_": 3}  # parameters (1) between a layer's input and output
+_ORDER = {"_input_": 0, "_output_": 2, "_gate_": 3, "_scores_": 4, "_probs_": 5}  # parameters (1): input to output
 
 
 def _fused(holder: nn.Module) -> tuple[str, str]:

@@ -14,7 +14,9 @@ Module class names start with an upper-case letter (``Conv2d``, ``GELUActivation
 name that is no module type of the model is an op, and a name with ``:`` is an op name. An op's target is its
 output, ``_output_`` (``_output_0``); an entry selecting ops quantizes each selected op's output with its settings.
 ``silu`` has a second target, ``_gate_`` (``_gate_0``): the sigmoid inside ``x * sigmoid(x)``, quantized before the
-product, as ONNX Runtime runs SiLU (QLinearSigmoid, then QLinearMul); an entry naming it selects only ``silu``.
+product, as ONNX Runtime runs SiLU (QLinearSigmoid, then QLinearMul); ``scaled_dot_product_attention`` has
+``_scores_`` (``q @ k^T``) and ``_probs_`` (the softmax), so that both of its products run as QLinearMatMul
+(:data:`INNER_TARGETS`); an entry naming them selects only ops that have them.
 Reads the graph, never the model.
 
 >>> from quantrain.config import parse_config_list
@@ -34,9 +36,16 @@ from quantrain.graph import Call, ModelGraph
 __all__ = ["KNOWN_OPS", "OP_TARGETS", "OpTargetPlan", "entry_selects_ops", "is_op_name", "is_op_type", "plan_op_targets"]
 
 OP_TARGETS = ("_output_", "_output_0")
-GATE_TARGETS = ("_gate_", "_gate_0")
-GATED_OPS = frozenset({"silu"})
-"""Ops computed as ``x * sigmoid(x)`` where a ``_gate_`` target quantizes the sigmoid."""
+INNER_TARGETS = {"silu": ("_gate_",), "scaled_dot_product_attention": ("_scores_", "_probs_")}
+"""Ops an integer engine runs as several, and the targets that quantize their parts: ``silu`` as
+``x * sigmoid(x)`` (``_gate_``: the sigmoid, for QLinearSigmoid then QLinearMul), attention as
+``softmax(q @ k^T * scale + mask) @ v`` (``_scores_``: ``q @ k^T``, ``_probs_``: the softmax, so both products run as
+QLinearMatMul)."""
+INNER_MEANINGS = {
+    "_gate_": "the sigmoid inside silu",
+    "_scores_": "q @ k^T inside scaled_dot_product_attention",
+    "_probs_": "the softmax inside scaled_dot_product_attention",
+}
 
 KNOWN_OPS = frozenset(
     {
@@ -104,12 +113,14 @@ class OpTargetPlan:
     (``'relu'``/``'relu6'``, found by ``fuse='auto'``) the ReLU that alone reads it is applied first, so the output
     is quantized after it, as an integer engine runs the op with its activation."""
 
-    __slots__ = ("activation", "call", "entry_index", "gate", "settings")
+    __slots__ = ("activation", "call", "entry_index", "inner", "settings")
 
-    def __init__(self, call: Call, settings, entry_index: int, activation: str | None = None, gate: bool = False) -> None:
+    def __init__(
+        self, call: Call, settings, entry_index: int, activation: str | None = None, inner: tuple[str, ...] = ()
+    ) -> None:
         self.call, self.settings, self.entry_index, self.activation = call, settings, entry_index, activation
-        self.gate = gate
-        """Whether the sigmoid of a ``silu`` is quantized too (target ``_gate_``)."""
+        self.inner = inner
+        """The op's parts quantized too (:data:`INNER_TARGETS`, numbered: ``("_gate_0",)``)."""
 
     @property
     def name(self) -> str:
@@ -159,14 +170,24 @@ def plan_op_targets(
                 )
                 continue
             activation = activation_of(call) if auto else None
-            gate = entry.target_names is not None and any(name in GATE_TARGETS for name in entry.target_names)
-            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation, gate)
+            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation, _inner(entry))
     order = {id(call): position for position, call in enumerate(graph.calls)}
     return tuple(sorted(claimed.values(), key=lambda plan: order[id(plan.call)]))
 
 
 def _floating(call: Call) -> bool:
     return call.floating
+
+
+def _inner_name(name: str) -> str | None:
+    """``'_gate_'``/``'_gate_0'`` -> ``'_gate_'``: the part of an op a target name quantizes (``None``: no part)."""
+    base = name[:-1] if name.endswith("_0") else name
+    return base if base in INNER_MEANINGS else None
+
+
+def _inner(entry: ConfigEntry) -> tuple[str, ...]:
+    names = [_inner_name(name) for name in entry.target_names or ()]
+    return tuple(dict.fromkeys(f"{name}0" for name in names if name))
 
 
 def _target(entry: ConfigEntry) -> str:
@@ -192,25 +213,36 @@ def _check(entry: ConfigEntry, names: set[str], types: set[str], module_types: s
                 )
     targets = entry.target_names
     if targets is not None:
-        other = [name for name in targets if name not in OP_TARGETS + GATE_TARGETS]
+        other = [name for name in targets if name not in OP_TARGETS and _inner_name(name) is None]
         if other or not targets:
             raise entry.error(
                 ValueError,
                 "target_names",
-                f"{other or list(targets)}: an op's target is its output ('_output_'; silu also has '_gate_'); "
-                "list ops in an entry of their own",
+                f"{other or list(targets)}: an op's target is its output ('_output_'; silu also has '_gate_', "
+                "scaled_dot_product_attention '_scores_' and '_probs_'); list ops in an entry of their own",
             )
-        gated = [name for name in targets if name in GATE_TARGETS]
-        if gated and not any(name in OP_TARGETS for name in targets):
-            raise entry.error(ValueError, "target_names", f"{gated}: '_gate_' comes with the op's '_output_'")
-        named_types = {m.group("op") for name in entry.op_names if (m := _OP_NAME.match(name))}
-        selected_types = {name for name in entry.op_types if is_op_type(name, module_types)} | named_types
-        if gated and (not selected_types or not selected_types <= GATED_OPS):
+        inner = [name for name in targets if _inner_name(name)]
+        if inner and not any(name in OP_TARGETS for name in targets):
             raise entry.error(
                 ValueError,
                 "target_names",
-                f"'_gate_' is the sigmoid inside silu; the entry also selects {sorted(selected_types - GATED_OPS) or 'no op'}",
+                f"{inner}: {_quoted(inner)} {'comes' if len(inner) == 1 else 'come'} with the op's '_output_'",
             )
+        named_types = {m.group("op") for name in entry.op_names if (m := _OP_NAME.match(name))}
+        selected_types = {name for name in entry.op_types if is_op_type(name, module_types)} | named_types
+        for name in inner:
+            part = _inner_name(name)
+            owners = {op for op, parts in INNER_TARGETS.items() if part in parts}
+            if not selected_types or not selected_types <= owners:
+                raise entry.error(
+                    ValueError,
+                    "target_names",
+                    f"'{part}' is {INNER_MEANINGS[part]}; the entry also selects {sorted(selected_types - owners) or 'no op'}",
+                )
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def _selects(entry: ConfigEntry, call: Call, module_types: set[str]) -> bool:

@@ -52,8 +52,10 @@ class OpPointPlan:
     settings: Any  # TargetSettings
     activation: str | None = None
     """``'relu'``/``'relu6'``: applied before quantizing (the ReLU after the op then changes nothing)."""
-    gate: bool = False
-    """``silu`` only: computed as ``x * q(sigmoid(x))``, the sigmoid quantized by its own ``_gate_0`` quantizer."""
+    inner: tuple[str, ...] = ()
+    """The op's parts quantized by their own quantizers (``quantrain.config.ops.INNER_TARGETS``): ``("_gate_0",)``
+    computes ``silu`` as ``x * q(sigmoid(x))``; ``("_scores_0", "_probs_0")`` computes attention with both
+    products on quantized operands (:meth:`OpPoint.attention`)."""
 
     @property
     def key(self) -> str:
@@ -84,16 +86,54 @@ class OpPoint(nn.Module):
         self.clamp = None if activation is None else CLAMPS[activation]
 
     @property
-    def gated(self) -> bool:
-        return "_gate_0" in self.fake_quant
+    def composed(self) -> bool:
+        """Whether the op is computed from its quantized parts (:meth:`silu`, :meth:`attention`)."""
+        return len(self.fake_quant) > 1
 
     def quantize(self, output: Tensor) -> Tensor:
         """The op's output, through its fused activation (if any) and fake quantizer."""
         return self.fake_quant["_output_0"](output, self.clamp)
 
-    def silu(self, x: Tensor) -> Tensor:
+    def silu(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``q_out(x * q_gate(sigmoid(x)))``: SiLU as an integer engine runs it, a quantized sigmoid times ``x``."""
         return self.quantize(x * self.fake_quant["_gate_0"](torch.sigmoid(x)))
+
+    def attention(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        """``q_out(q_probs(softmax(q_scores(query @ key^T) * scale + mask)) @ value)``: attention as an integer
+        engine runs it (``F.scaled_dot_product_attention``'s arguments and meaning), so that both products read
+        quantized operands; a row whose keys are all masked gets zeros, as PyTorch's own attention gives.
+        Computed step by step, it takes the memory of the score matrix that PyTorch's fused kernels avoid."""
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            repeats = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+        scores = self.fake_quant["_scores_0"](query @ key.transpose(-2, -1))
+        scores = scores * (query.shape[-1] ** -0.5 if scale is None else scale)
+        keep = None
+        if is_causal:
+            keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if keep is not None or attn_mask is not None:
+            probs = probs.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
+        probs = self.fake_quant["_probs_0"](probs)
+        if dropout_p > 0.0:
+            probs = torch.dropout(probs, dropout_p, train=True)
+        return self.quantize(probs @ value)
 
     def extra_repr(self) -> str:
         return self.point_name
@@ -113,12 +153,14 @@ class _Interceptor(TorchFunctionMode):
         by_index = table.get(op)
         if by_index is None:
             return func(*args, **(kwargs or {}))
-        if op == "silu" and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+        composed = _COMPOSED.get(op)
+        first = args[0] if args else (kwargs or {}).get("query" if op == "scaled_dot_product_attention" else "input")
+        if composed is not None and isinstance(first, Tensor) and first.is_floating_point():
             index = self.points.counts.get((frame, op), 0)
             point = by_index.get(index)
-            if point is not None and point.gated:
+            if point is not None and point.composed:
                 self.points.counts[(frame, op)] = index + 1
-                return point.silu(args[0])
+                return composed(point, *args, **(kwargs or {}))
         output = func(*args, **(kwargs or {}))
         if isinstance(output, Tensor):
             first = output
@@ -135,6 +177,10 @@ class _Interceptor(TorchFunctionMode):
         if point is not None and isinstance(output, Tensor):
             output = point.quantize(output)
         return output
+
+
+_COMPOSED = {"silu": OpPoint.silu, "scaled_dot_product_attention": OpPoint.attention}
+"""The ops an op point computes from quantized parts, when its plan names them (``OpPointPlan.inner``)."""
 
 
 class OpPoints:
@@ -223,8 +269,7 @@ def build_op_points(
         if OP_CHILD not in scope._modules:
             scope.add_module(OP_CHILD, nn.ModuleDict())
         quantizers = {"_output_0": make(plan, "_output_0")}
-        if plan.gate:
-            quantizers["_gate_0"] = make(plan, "_gate_0")
+        quantizers.update((target, make(plan, target)) for target in plan.inner)
         point = OpPoint(nn.ModuleDict(quantizers), plan.name, plan.activation, plan.op)
         scope._modules[OP_CHILD][plan.key] = point
         points[plan.name] = point
