@@ -152,6 +152,26 @@ def test_batches_combine_to_the_single_batch_result(files, tmp_path, capsys):
     assert batched["sqnr_db"] == pytest.approx(direct.sqnr_db, rel=1e-9)
 
 
+def test_float64_compares_both_runtimes_with_the_model_in_float64_batch_by_batch(files, tmp_path, capsys):
+    from quantrain import check_parity
+
+    path, model = _perturbed(files, tmp_path, 0.002)
+    direct = check_parity(model, files["folder"] / "model.onnx", files["x"], float64=True)
+    assert main([*_argv(files, **{"--checkpoint": str(path), "--batch-size": "7"}), "--float64", "--json", "-q"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    for key in ("pytorch_vs_float64", "onnx_vs_float64"):
+        (batched,), (expected,) = document[key], getattr(direct, key)
+        assert batched["max_abs_diff"] == expected.max_abs_diff > 0, key  # float32 is never exactly float64 here
+        assert batched["top1_agreement"] == pytest.approx(expected.top1_agreement, abs=1e-12)
+        assert batched["max_diff_in_steps"] == expected.max_diff_in_steps
+    assert document["notes"] == list(direct.notes)
+    assert main([*_argv(files, **{"--checkpoint": str(path)}), "--float64", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "PyTorch's float32 forward vs the model in float64" in text and "ONNX Runtime vs the model in float64" in text
+    assert main([*_argv(files), "--json", "-q"]) == 0
+    assert "onnx_vs_float64" not in json.loads(capsys.readouterr().out)  # only when asked for
+
+
 def test_agreement_below_the_threshold_exits_1(files, tmp_path, capsys):
     path, _ = _perturbed(files, tmp_path, 0.05)
     argv = _argv(files, **{"--checkpoint": str(path)})

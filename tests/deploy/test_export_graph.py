@@ -408,3 +408,21 @@ def test_a_functional_spatial_mean_before_a_linear_runs_as_integer_pool_and_gemm
     assert "ReduceMean" not in ops and "Gemm" not in ops
     parity = check_parity(model, path, torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
     assert parity.outputs[0].top1_agreement == 1.0 and parity.outputs[0].max_diff_in_steps <= 1.0 + 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["torch.export", "torchscript"])
+def test_a_linear_on_token_sequences_exports_as_integer_gemms_on_rows(exporter, tmp_path):
+    # (batch, tokens, features) -> rows of one matrix: Gemm, which ONNX Runtime fuses with bias and requantization
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    example = torch.randn(2, 5, 8)
+    QATQuantizer(model, deployable_config_list(8, 8), fuse="auto", integer_bias=True, example_inputs=example)
+    for seed in range(3):
+        model(torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(seed)))
+    path = tmp_path / "tokens.onnx"
+    export_onnx(model.eval(), example, path, exporter=exporter)
+    ops = collections.Counter(optimized_op_types(path, tmp_path))
+    assert ops["QGemm"] == 2 and not {"MatMulIntegerToFloat", "MatMul", "Gemm", "Add"} & set(ops), ops
+    report = check_parity(model, path, torch.randn(16, 5, 8, generator=torch.Generator().manual_seed(9)))  # other batch
+    assert report.outputs[0].max_diff_in_steps <= 1.0 + 1e-4, report
+    assert model(example).shape == (2, 5, 4)  # the training forward is the module's own

@@ -42,6 +42,7 @@ def _qkv(heads=2, kv_heads=2, length=5, source=5, seed=0):
         {"scale": 0.3},
         {"attn_mask": "bool"},
         {"attn_mask": "float"},
+        {"attn_mask": "float with an empty row"},
         {"attn_mask": "bool", "is_causal": False, "scale": 2.0},
     ],
 )
@@ -52,13 +53,19 @@ def test_the_composed_attention_computes_what_pytorch_computes(options):
         mask = torch.rand(3, 1, 5, 5, generator=torch.Generator().manual_seed(1)) > 0.3
         mask[0, 0, 2] = False  # a query whose keys are all masked: zeros, as PyTorch gives
         options["attn_mask"] = mask
-    elif options.get("attn_mask") == "float":
+    elif options.get("attn_mask") in ("float", "float with an empty row"):
+        empty = options["attn_mask"] != "float"
         options["attn_mask"] = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
+        if empty:
+            options["attn_mask"][3] = float("-inf")
     expected = F.scaled_dot_product_attention(q, k, v, **options)
     got = _unquantized_point().attention(q, k, v, **options)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    if isinstance(options.get("attn_mask"), torch.Tensor) and options["attn_mask"].dtype == torch.bool:
+    mask = options.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         assert torch.equal(got[0, :, 2], torch.zeros_like(got[0, :, 2]))
+    elif isinstance(mask, torch.Tensor) and mask[3].isinf().all():
+        assert torch.equal(got[:, :, 3], torch.zeros_like(got[:, :, 3]))
 
 
 def test_grouped_query_attention_repeats_keys_and_values_per_group():

@@ -71,6 +71,12 @@ def add_parser(commands: Any) -> None:
     parity.add_argument(
         "--max-diff-steps", type=non_negative, metavar="STEPS", help="exit 1 if an output differs by more quantization steps"
     )
+    parity.add_argument(
+        "--float64",
+        action="store_true",
+        help="also run the model in float64 and compare PyTorch's float32 forward and ONNX Runtime with it "
+        "(how far float32 rounding alone moves the outputs)",
+    )
     parity.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parity.set_defaults(handler=run)
 
@@ -92,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
     batches = -(-count // args.batch_size)
     batches_text = f"{batches} batch{'es' if batches > 1 else ''}"
     info(args, f"comparing {args.onnx} with {args.model} + {args.checkpoint} on {count} inputs ({batches_text})")
-    report = _batched_parity(model, args.onnx, inputs, args.batch_size, progress_enabled(args))
+    report = _batched_parity(model, args.onnx, inputs, args.batch_size, progress_enabled(args), args.float64)
     failures = _threshold_failures(report, args.min_agreement, args.max_diff_steps)
     if args.json:
-        outputs = [_finite_dict(dataclasses.asdict(o)) for o in report.outputs]
-        print(json.dumps({"onnx": args.onnx, "inputs": count, "outputs": outputs, "failures": failures}, indent=1))
+        document = {"onnx": args.onnx, "inputs": count}
+        for key in ("outputs", *(("pytorch_vs_float64", "onnx_vs_float64") if args.float64 else ())):
+            document[key] = [_finite_dict(dataclasses.asdict(o)) for o in getattr(report, key)]
+        print(json.dumps({**document, "notes": list(report.notes), "failures": failures}, indent=1))
     else:
         print(_format_parity(report, args.onnx, count))
     for failure in failures:
@@ -104,9 +112,12 @@ def run(args: argparse.Namespace) -> int:
     return CHECK_FAILED if failures else OK
 
 
-def _batched_parity(model: Any, onnx_path: str, inputs: tuple[torch.Tensor, ...], batch_size: int, progress: bool) -> Any:
-    """:func:`quantrain.check_parity` batch by batch, combined as if run at once (see :func:`_combine`)."""
-    from quantrain.deploy.parity import ParityReport, check_parity
+def _batched_parity(
+    model: Any, onnx_path: str, inputs: tuple[torch.Tensor, ...], batch_size: int, progress: bool, float64: bool = False
+) -> Any:
+    """:func:`quantrain.check_parity` batch by batch, combined as if run at once (see :func:`_combine`); with
+    ``float64``, its comparisons with the model in float64 too."""
+    from quantrain.deploy.parity import ParityReport, check_parity, parity_notes
 
     signals: list[float] = []  # the reference's signal power per output, from the forward check_parity runs
 
@@ -121,7 +132,7 @@ def _batched_parity(model: Any, onnx_path: str, inputs: tuple[torch.Tensor, ...]
                 batch = tuple(t[start : start + batch_size] for t in inputs)
                 signals.clear()
                 try:
-                    report = check_parity(model, onnx_path, batch if len(batch) > 1 else batch[0])
+                    report = check_parity(model, onnx_path, batch if len(batch) > 1 else batch[0], float64=float64)
                 except ValueError as exc:  # check_parity's own messages name the file and the mismatch
                     raise CliError(str(exc)) from None
                 except Exception as exc:  # PyTorch or ONNX Runtime refusing these inputs (shape, dtype, rank)
@@ -132,7 +143,13 @@ def _batched_parity(model: Any, onnx_path: str, inputs: tuple[torch.Tensor, ...]
                 bar.update(len(batch[0]))
     finally:
         handle.remove()
-    return ParityReport(_combine(parts))
+    outputs = _combine(parts)
+    if not float64:
+        return ParityReport(outputs, notes=parity_notes(onnx_path, outputs))
+    pytorch, onnx_ = _combine(parts, "pytorch_vs_float64"), _combine(parts, "onnx_vs_float64")
+    return ParityReport(
+        outputs, notes=parity_notes(onnx_path, outputs, pytorch, onnx_), pytorch_vs_float64=pytorch, onnx_vs_float64=onnx_
+    )
 
 
 def _powers(output: Any) -> list[float]:
@@ -141,16 +158,22 @@ def _powers(output: Any) -> list[float]:
     return [float(o.detach().double().pow(2).sum()) for o in outputs]
 
 
-def _combine(parts: Sequence[tuple[int, Any, list[float]]]) -> tuple[Any, ...]:
-    """Per output, the batches' results as one: top-1 agreement weighted by batch size, the largest differences,
-    and ``SQNR = 10 log10(sum signal / sum noise)``, each batch's noise recovered from its SQNR and signal power as
-    ``signal * 10^(-SQNR / 10)`` (for an all-zero reference, whose SQNR says nothing, ``max |diff|^2``)."""
+def _combine(parts: Sequence[tuple[int, Any, list[float]]], comparison: str = "outputs") -> tuple[Any, ...]:
+    """Per output, the batches' results of one comparison of the reports (``comparison``: ``"outputs"``,
+    ``"pytorch_vs_float64"``, ``"onnx_vs_float64"``) as one: top-1 agreement weighted by batch size, the largest
+    differences, and ``SQNR = 10 log10(sum signal / sum noise)``, each batch's noise recovered from its SQNR and
+    signal power as ``signal * 10^(-SQNR / 10)`` (for an all-zero reference, whose SQNR says nothing,
+    ``max |diff|^2``). The signal is the fake-quant model's float32 output; for the float64 comparisons it stands
+    for the float64 output, from which it differs by float32 rounding."""
     from quantrain.deploy.parity import OutputParity
 
     total = sum(size for size, _, _ in parts)
     combined = []
-    for index, first in enumerate(parts[0][1].outputs):
-        results = [(size, report.outputs[index], signal[index] if index < len(signal) else 0.0) for size, report, signal in parts]
+    for index, first in enumerate(getattr(parts[0][1], comparison)):
+        results = [
+            (size, getattr(report, comparison)[index], signal[index] if index < len(signal) else 0.0)
+            for size, report, signal in parts
+        ]
         agreements = [r.top1_agreement for _, r, _ in results]
         steps = [r.max_diff_in_steps for _, r, _ in results]
         signal = sum(s for _, _, s in results)
@@ -220,18 +243,25 @@ def _threshold_failures(report: Any, min_agreement: float | None, max_diff_steps
 def _format_parity(report: Any, onnx_path: str, count: int) -> str:
     from quantrain.summary import format_table
 
-    rows = [("output", "top-1 agreement", "max |diff|", "max diff in steps", "SQNR dB")]
-    for o in report.outputs:
-        rows.append(
-            (
-                o.name,
-                "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%",
-                f"{o.max_abs_diff:.4g}",
-                "-" if o.max_diff_in_steps is None else f"{o.max_diff_in_steps:.2f}",
-                f"{o.sqnr_db:.1f}",
+    def table(comparisons: Any) -> str:
+        rows = [("output", "top-1 agreement", "max |diff|", "max diff in steps", "SQNR dB")]
+        for o in comparisons:
+            rows.append(
+                (
+                    o.name,
+                    "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%",
+                    f"{o.max_abs_diff:.4g}",
+                    "-" if o.max_diff_in_steps is None else f"{o.max_diff_in_steps:.2f}",
+                    f"{o.sqnr_db:.1f}",
+                )
             )
-        )
-    return f"{onnx_path} in ONNX Runtime vs the fake-quant model, {count} inputs\n" + format_table(rows)
+        return format_table(rows)
+
+    text = f"{onnx_path} in ONNX Runtime vs the fake-quant model, {count} inputs\n" + table(report.outputs)
+    if report.pytorch_vs_float64:
+        text += "\n\nPyTorch's float32 forward vs the model in float64\n" + table(report.pytorch_vs_float64)
+        text += "\n\nONNX Runtime vs the model in float64\n" + table(report.onnx_vs_float64)
+    return text + "".join(f"\nnote: {note}" for note in report.notes)
 
 
 def _finite_dict(data: dict[str, Any]) -> dict[str, Any]:

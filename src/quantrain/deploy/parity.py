@@ -108,13 +108,23 @@ def check_parity(
     )
     layers = _layers(model, onnx_path, inputs, feeds) if per_layer else ()
     if not float64:
-        return ParityReport(outputs, layers, _notes(onnx_path) + _rounding_notes(outputs))
+        return ParityReport(outputs, layers, parity_notes(onnx_path, outputs))
     exact = _float64_outputs(model, inputs)
     names = [arg.name for arg in session.get_outputs()]
     pytorch = tuple(_compare(n, e, r, s) for n, e, r, s in zip(names, exact, reference, steps, strict=True))
     onnx_ = tuple(_compare(n, e, p, s) for n, e, p, s in zip(names, exact, produced, steps, strict=True))
-    notes = _notes(onnx_path) + _rounding_notes(outputs, pytorch, onnx_)
-    return ParityReport(outputs, layers, notes, pytorch, onnx_)
+    return ParityReport(outputs, layers, parity_notes(onnx_path, outputs, pytorch, onnx_), pytorch, onnx_)
+
+
+def parity_notes(
+    onnx_path: str | os.PathLike,
+    outputs: tuple[OutputParity, ...],
+    pytorch: tuple[OutputParity, ...] = (),
+    onnx_: tuple[OutputParity, ...] = (),
+) -> tuple[str, ...]:
+    """The notes of a :class:`ParityReport` on these comparisons: what may explain a difference over one step
+    (this CPU's int8 kernels, float32 rounding as the float64 comparisons ``pytorch``/``onnx_`` measure it)."""
+    return _notes(onnx_path) + _rounding_notes(outputs, pytorch, onnx_)
 
 
 def _float64_outputs(model: nn.Module, inputs: _Call) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +36,20 @@ def register_float_forward(*module_types: type[nn.Module]) -> Callable[[FloatFor
 
 @register_float_forward(nn.Linear)
 def _linear(module: nn.Linear, params: Mapping[str, Tensor], input: Tensor) -> Tensor:
+    if input.dim() > 2 and _exporting():
+        # a (batch, tokens, features) input as rows of one matrix: ONNX exports that as Gemm, which ONNX Runtime
+        # fuses with its int32 bias and the output's quantization (QGemm), where MatMul + Add ran as
+        # MatMulIntegerToFloat, a float Add and a QuantizeLinear; the same numbers
+        # (only the batch dim is dynamic in an export: constant shapes, which ONNX Runtime moves quantization through)
+        middle = [int(size) for size in input.shape[1:-1]]
+        rows = F.linear(input.reshape(-1, module.in_features), params["weight"], params["bias"])
+        return rows.reshape(-1, *middle, module.out_features)
     return F.linear(input, params["weight"], params["bias"])
+
+
+def _exporting() -> bool:
+    """Whether an ONNX export (either exporter) is tracing the forward."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 @register_float_forward(nn.Conv1d, nn.Conv2d, nn.Conv3d)

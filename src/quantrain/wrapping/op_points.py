@@ -128,8 +128,9 @@ class OpPoint(nn.Module):
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        if keep is not None or attn_mask is not None:
-            probs = probs.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
+        if attn_mask is not None:  # rows the mask empties (read from the mask: no head dim) get zeros, not NaN
+            empty = ~keep.any(-1, keepdim=True) if keep is not None else (attn_mask == float("-inf")).all(-1, keepdim=True)
+            probs = probs.masked_fill(empty, 0.0)
         probs = self.fake_quant["_probs_0"](probs)
         if dropout_p > 0.0:
             probs = torch.dropout(probs, dropout_p, train=True)
