@@ -154,10 +154,10 @@ def test_the_torch_export_based_exporter_writes_the_same_integer_model(name, tmp
         ops = collections.Counter(optimized_op_types(tmp_path / f"{exporter}.onnx", tmp_path))
         assert not {"Relu", "Clip"} & set(ops), ops
         assert _float_layers(tmp_path / "optimized.onnx") == [], exporter
-        layers[exporter] = {
-            op: n for op, n in ops.items() if op.startswith(("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInt"))
-        }
-    # the elementwise integer ops may differ: torch.export drops GPT-2's concatenation with its empty key cache
+        products = sum(n for op, n in ops.items() if op.startswith(("QGemm", "QLinearMatMul", "MatMulInt")))
+        layers[exporter] = (ops["QLinearConv"], products)
+    # the elementwise integer ops may differ (torch.export drops GPT-2's concatenation with its empty key cache), and
+    # a product may be a QGemm from one exporter and a QLinearMatMul from the other (a Linear without bias)
     assert layers["dynamo"] == layers["torchscript"]
 
 
@@ -182,6 +182,6 @@ def test_torchvision_classification_models_export_integer_models_that_match(name
 
 
 TORCHVISION_FLOAT_ISLANDS = {
-    "tv_mobilenet_v3_small": {"HardSigmoid", "Mul"},  # Hardswish and the squeeze-excite gate, split by ONNX Runtime
+    "tv_mobilenet_v3_small": {"HardSigmoid"},  # of each Hardswish and squeeze-excite gate: no integer kernel
 }
 """The float islands that remain in torchvision's models (the others are integer from end to end)."""

@@ -115,11 +115,13 @@ def test_from_compressor_keeps_op_targets_the_new_config_leaves_out():
         ([{"op_types": ["linear"]}], r"^config_list\[0\]: key 'op_types': 'linear' is neither .*did you mean 'Linear'"),
         (
             [{"op_types": ["add"], "target_names": ["weight"]}],
-            r"^config_list\[0\]: key 'target_names': \['weight'\]: an op's target is its output \('_output_'; silu also",
+            r"^config_list\[0\]: key 'target_names': \['weight'\]: an op's target is its output "
+            r"\('_output_'; silu and hardswish also",
         ),
         (
             [{"op_types": ["add", "cat"], "target_names": ["_output_", "_gate_"]}],
-            r"^config_list\[0\]: key 'target_names': '_gate_' is the sigmoid inside silu; the entry also selects \['add', 'cat",
+            r"^config_list\[0\]: key 'target_names': '_gate_' is the gate inside silu or hardswish "
+            r"\(its sigmoid or hardsigmoid\); the entry also selects \['add', 'cat",
         ),
         (
             [{"op_types": ["silu"], "target_names": ["_gate_"]}],

@@ -162,7 +162,11 @@ def test_the_export_runs_both_products_as_integer_matmuls_and_matches(tmp_path):
             "add",
             r"'_scores_' is q @ k\^T inside scaled_dot_product_attention; the entry also selects \['add'\]",
         ),
-        (["_output_", "_gate_"], "scaled_dot_product_attention", r"'_gate_' is the sigmoid inside silu; the entry also selects"),
+        (
+            ["_output_", "_gate_"],
+            "scaled_dot_product_attention",
+            r"'_gate_' is the gate inside silu or hardswish \(its sigmoid or hardsigmoid\); the entry also selects",
+        ),
         (
             ["_probs_", "_scores_"],
             "scaled_dot_product_attention",

@@ -89,3 +89,28 @@ def test_the_preset_gates_silu_and_onnx_runtime_runs_it_in_integer_kernels(tmp_p
     assert not {"Sigmoid", "Mul", "Conv"} & set(ops) and report.float_islands == []
     (output,) = check_parity(model, path, torch.randn(32, 3, 8, 8)).outputs
     assert output.max_diff_in_steps <= 1.0 + 1e-4
+
+
+def test_the_preset_gates_hardswish_so_its_product_runs_as_qlinearmul(tmp_path):
+    # ONNX Runtime runs Hardswish as HardSigmoid (float: no integer kernel) and a Mul, integer once the gate is quantized
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 4, 3))
+    quantizer = QATQuantizer(model, deployable_config_list(8, 8, target="onnxruntime"), example_inputs=torch.randn(1, 3, 8, 8))
+    point = quantizer.op_points["1.hardswish:0"]
+    assert sorted(point.fake_quant) == ["_gate_0", "_output_0"]
+    for step in range(3):
+        model(torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(step)))
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        h = _fq(model[0].fake_quant["_output_0"], model[0](x))
+        gate, out = point.fake_quant["_gate_0"], point.fake_quant["_output_0"]
+        torch.testing.assert_close(model[1](h), _fq(out, h * _fq(gate, F.hardsigmoid(h))), rtol=0, atol=0)
+        assert gate.observer.tracked_min.item() >= 0.0 and gate.observer.tracked_max.item() <= 1.0
+    path = tmp_path / "hardswish.onnx"
+    report = export_onnx(model, torch.randn(1, 3, 8, 8), path)
+    ops = collections.Counter(optimized_op_types(path, tmp_path))
+    assert ops["QLinearMul"] == 1 and ops["QLinearConv"] == 2 and not {"Mul", "Conv", "HardSwish"} & set(ops), ops
+    assert [island.op_types for island in report.float_islands] == [("HardSigmoid",)]
+    (output,) = check_parity(model, path, torch.randn(32, 3, 8, 8)).outputs
+    assert output.max_diff_in_steps <= 1.0 + 1e-4

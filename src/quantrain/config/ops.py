@@ -14,7 +14,8 @@ Module class names start with an upper-case letter (``Conv2d``, ``GELUActivation
 name that is no module type of the model is an op, and a name with ``:`` is an op name. An op's target is its
 output, ``_output_`` (``_output_0``); an entry selecting ops quantizes each selected op's output with its settings.
 ``silu`` has a second target, ``_gate_`` (``_gate_0``): the sigmoid inside ``x * sigmoid(x)``, quantized before the
-product, as ONNX Runtime runs SiLU (QLinearSigmoid, then QLinearMul); ``scaled_dot_product_attention`` has
+product, as ONNX Runtime runs SiLU (QLinearSigmoid, then QLinearMul), ``hardswish`` the same with its hardsigmoid;
+``scaled_dot_product_attention`` has
 ``_scores_`` (``q @ k^T``) and ``_probs_`` (the softmax), so that both of its products run as QLinearMatMul
 (:data:`INNER_TARGETS`); an entry naming them selects only ops that have them.
 Reads the graph, never the model.
@@ -36,13 +37,14 @@ from quantrain.graph import Call, ModelGraph
 __all__ = ["KNOWN_OPS", "OP_TARGETS", "OpTargetPlan", "entry_selects_ops", "is_op_name", "is_op_type", "plan_op_targets"]
 
 OP_TARGETS = ("_output_", "_output_0")
-INNER_TARGETS = {"silu": ("_gate_",), "scaled_dot_product_attention": ("_scores_", "_probs_")}
+INNER_TARGETS = {"silu": ("_gate_",), "hardswish": ("_gate_",), "scaled_dot_product_attention": ("_scores_", "_probs_")}
 """Ops an integer engine runs as several, and the targets that quantize their parts: ``silu`` as
-``x * sigmoid(x)`` (``_gate_``: the sigmoid, for QLinearSigmoid then QLinearMul), attention as
+``x * sigmoid(x)`` (``_gate_``: the sigmoid, for QLinearSigmoid then QLinearMul), ``hardswish`` as
+``x * hardsigmoid(x)`` (``_gate_``: the hardsigmoid, so the product runs as QLinearMul), attention as
 ``softmax(q @ k^T * scale + mask) @ v`` (``_scores_``: ``q @ k^T``, ``_probs_``: the softmax, so both products run as
 QLinearMatMul)."""
 INNER_MEANINGS = {
-    "_gate_": "the sigmoid inside silu",
+    "_gate_": "the gate inside silu or hardswish (its sigmoid or hardsigmoid)",
     "_scores_": "q @ k^T inside scaled_dot_product_attention",
     "_probs_": "the softmax inside scaled_dot_product_attention",
 }
@@ -218,7 +220,7 @@ def _check(entry: ConfigEntry, names: set[str], types: set[str], module_types: s
             raise entry.error(
                 ValueError,
                 "target_names",
-                f"{other or list(targets)}: an op's target is its output ('_output_'; silu also has '_gate_', "
+                f"{other or list(targets)}: an op's target is its output ('_output_'; silu and hardswish also have '_gate_', "
                 "scaled_dot_product_attention '_scores_' and '_probs_'); list ops in an entry of their own",
             )
         inner = [name for name in targets if _inner_name(name)]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -97,6 +98,11 @@ class OpPoint(nn.Module):
     def silu(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``q_out(x * q_gate(sigmoid(x)))``: SiLU as an integer engine runs it, a quantized sigmoid times ``x``."""
         return self.quantize(x * self.fake_quant["_gate_0"](torch.sigmoid(x)))
+
+    def hardswish(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``q_out(x * q_gate(hardsigmoid(x)))``: Hardswish as ONNX Runtime runs it (HardSigmoid, then a product
+        that a quantized gate lets run as QLinearMul)."""
+        return self.quantize(x * self.fake_quant["_gate_0"](F.hardsigmoid(x)))
 
     def attention(
         self,
@@ -180,7 +186,7 @@ class _Interceptor(TorchFunctionMode):
         return output
 
 
-_COMPOSED = {"silu": OpPoint.silu, "scaled_dot_product_attention": OpPoint.attention}
+_COMPOSED = {"silu": OpPoint.silu, "hardswish": OpPoint.hardswish, "scaled_dot_product_attention": OpPoint.attention}
 """The ops an op point computes from quantized parts, when its plan names them (``OpPointPlan.inner``)."""
 
 
