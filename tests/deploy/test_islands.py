@@ -55,6 +55,20 @@ def test_an_op_with_an_integer_kernel_left_in_float_is_named_with_what_to_quanti
     assert island.reason.startswith("ONNX Runtime runs Sigmoid, Mul in float here") and "/act/Sigmoid, /act/Mul" in island.reason
 
 
+def test_a_product_with_a_float_parameter_is_named_as_such_not_as_something_to_quantize():
+    nodes = [
+        q("x", "xq", "in/quantize"),
+        dq("xq", "a", "in/dequantize"),
+        helper.make_node("Mul", ["layer_scale", "a"], ["b"], name="/block/Mul"),  # ConvNeXt's layer scale
+        q("b", "bq", "out/quantize"),
+        dq("bq", "y", "out/dequantize"),
+    ]
+    scale = numpy_helper.from_array(np.full(4, 1e-6, dtype=np.float32), "layer_scale")
+    (island,) = float_islands(_graph(nodes, [scale]))
+    assert island.op_types == ("Mul",)
+    assert island.reason.startswith("Mul with a float constant operand (a parameter training leaves in float")
+
+
 def test_float_ops_before_the_first_or_after_the_last_quantization_are_not_islands():
     nodes = [
         helper.make_node("Relu", ["x"], ["r"], name="/pre/Relu"),  # the model starts in float

@@ -92,6 +92,8 @@ def float_islands(graph: onnx.GraphProto) -> list[FloatIsland]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     integers = _integer_values(graph)
+    constants = {init.name for init in graph.initializer if init.data_type in FLOATS}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] not in integers}
 
     def compute(node: onnx.NodeProto) -> bool:
         """A float operator: not Q/DQ/Constant, not an integer kernel, and producing a float value."""
@@ -121,7 +123,7 @@ def float_islands(graph: onnx.GraphProto) -> list[FloatIsland]:
         enters = any(s is not None and (s.op_type == "DequantizeLinear" or _is_kernel(s)) for s in sources)
         leaves = any(c.op_type == "QuantizeLinear" for n in members for out in n.output for c in consumers.get(out, ()))
         if enters and leaves:
-            islands.append(_island(members))
+            islands.append(_island(members, constants))
     return islands
 
 
@@ -171,11 +173,17 @@ def _integer_values(graph: onnx.GraphProto) -> set[str]:
 FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 
 
-def _island(members: list[onnx.NodeProto]) -> FloatIsland:
+def _island(members: list[onnx.NodeProto], constants: set[str] = frozenset()) -> FloatIsland:
     op_types = tuple(dict.fromkeys(n.op_type for n in members))
     missing = [op for op in op_types if op not in INTEGER_KERNELS and op not in DATA_MOVEMENT]
+    by_constant = [n for n in members if n.op_type in INTEGER_KERNELS and any(name in constants for name in n.input)]
     if missing:
         reason = f"no integer kernel in ONNX Runtime for {', '.join(missing)}"
+    elif by_constant:
+        reason = (
+            f"{', '.join(dict.fromkeys(n.op_type for n in by_constant))} with a float constant operand (a parameter "
+            "training leaves in float, such as a layer scale): ONNX Runtime's integer kernel needs both operands quantized"
+        )
     else:
         shown = (
             [n.name or n.op_type for n in members if n.op_type in INTEGER_KERNELS] or [members[0].name or members[0].op_type]
