@@ -262,6 +262,10 @@ class Quantizer:
         tracking = self._tracking(TargetKind.OUTPUT)
 
         def make(plan: OpPointPlan, target: str) -> FakeQuantizer:
+            if target == "_param_0":  # a parameter the op reads: quantized from its current range, as weights are
+                return FakeQuantizer(
+                    plan.settings, tracking=self._tracking(TargetKind.PARAMETER), label=f"{plan.name}.{target}", device=device
+                )
             return FakeQuantizer(plan.settings, activation=True, tracking=tracking, label=f"{plan.name}.{target}", device=device)
 
         return build_op_points(model, plans, make)

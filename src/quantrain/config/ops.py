@@ -37,16 +37,23 @@ from quantrain.graph import Call, ModelGraph
 __all__ = ["KNOWN_OPS", "OP_TARGETS", "OpTargetPlan", "entry_selects_ops", "is_op_name", "is_op_type", "plan_op_targets"]
 
 OP_TARGETS = ("_output_", "_output_0")
-INNER_TARGETS = {"silu": ("_gate_",), "hardswish": ("_gate_",), "scaled_dot_product_attention": ("_scores_", "_probs_")}
+INNER_TARGETS = {
+    "silu": ("_gate_",),
+    "hardswish": ("_gate_",),
+    "scaled_dot_product_attention": ("_scores_", "_probs_"),
+    "mul": ("_param_",),
+}
 """Ops an integer engine runs as several, and the targets that quantize their parts: ``silu`` as
 ``x * sigmoid(x)`` (``_gate_``: the sigmoid, for QLinearSigmoid then QLinearMul), ``hardswish`` as
 ``x * hardsigmoid(x)`` (``_gate_``: the hardsigmoid, so the product runs as QLinearMul), attention as
 ``softmax(q @ k^T * scale + mask) @ v`` (``_scores_``: ``q @ k^T``, ``_probs_``: the softmax, so both products run as
-QLinearMatMul)."""
+QLinearMatMul), and a product with a parameter of the model (``_param_``: the parameter, quantized per tensor as a
+weight is, so that ``x * self.layer_scale`` runs as QLinearMul; a product of two activations has no such target)."""
 INNER_MEANINGS = {
     "_gate_": "the gate inside silu or hardswish (its sigmoid or hardsigmoid)",
     "_scores_": "q @ k^T inside scaled_dot_product_attention",
     "_probs_": "the softmax inside scaled_dot_product_attention",
+    "_param_": "the parameter a mul multiplies by",
 }
 
 KNOWN_OPS = frozenset(
@@ -172,7 +179,8 @@ def plan_op_targets(
                 )
                 continue
             activation = activation_of(call) if auto else None
-            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation, _inner(entry))
+            inner = tuple(t for t in _inner(entry) if t != "_param_0" or call.parameters)  # only where there is one
+            claimed[call.name] = OpTargetPlan(call, entry.settings_for(_target(entry)), entry.index, activation, inner)
     order = {id(call): position for position, call in enumerate(graph.calls)}
     return tuple(sorted(claimed.values(), key=lambda plan: order[id(plan.call)]))
 
@@ -221,7 +229,7 @@ def _check(entry: ConfigEntry, names: set[str], types: set[str], module_types: s
                 ValueError,
                 "target_names",
                 f"{other or list(targets)}: an op's target is its output ('_output_'; silu and hardswish also have '_gate_', "
-                "scaled_dot_product_attention '_scores_' and '_probs_'); list ops in an entry of their own",
+                "scaled_dot_product_attention '_scores_' and '_probs_', mul '_param_'); list ops in an entry of their own",
             )
         inner = [name for name in targets if _inner_name(name)]
         if inner and not any(name in OP_TARGETS for name in targets):

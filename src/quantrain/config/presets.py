@@ -61,7 +61,7 @@ def deployable_config_list(
     followed only by a ReLU is quantized after it with ``fuse='auto'``.
 
     >>> [entry.get("op_types") for entry in deployable_config_list(target="onnxruntime")][2:]  # doctest: +ELLIPSIS
-    [['LayerNorm', ...], ['add', 'mul', 'cat', ...], ['silu', 'hardswish'], ['scaled_dot_product_attention']]
+    [['LayerNorm', ...], ['add', 'cat', 'matmul', ...], ['mul'], ['silu', 'hardswish'], ['scaled_dot_product_attention']]
     """
     if target not in TARGETS:
         raise ValueError(f"target must be None or 'onnxruntime', got {target!r}")
@@ -84,10 +84,12 @@ def deployable_config_list(
         subclasses = {"include_subclasses": True} if target else {}
         config.append({"op_types": list(outputs), **subclasses, "target_names": ["_output_"], **activations})
     if target == "onnxruntime":
-        composed = ("silu", "hardswish", "scaled_dot_product_attention")
+        composed = ("mul", "silu", "hardswish", "scaled_dot_product_attention")
         config.append(
             {"op_types": [op for op in ONNXRUNTIME_OPS if op not in composed], "target_names": ["_output_"], **activations}
         )
+        # a product with a parameter (a layer scale) as QLinearMul: the parameter is quantized too
+        config.append({"op_types": ["mul"], "target_names": ["_output_", "_param_"], **activations})
         # SiLU and Hardswish as ONNX Runtime runs them, a gate then QLinearMul: the gate is quantized too
         config.append({"op_types": ["silu", "hardswish"], "target_names": ["_output_", "_gate_"], **activations})
         # attention's two products as QLinearMatMul: q @ k^T and the softmax quantized too

@@ -479,7 +479,7 @@ def _export_module(fq: FakeQuantizer, report: ExportReport) -> nn.Module:
                 "trained range can reach -128"
             )
         return ExportActivation(fq)
-    if not dtype.signed:
+    if not dtype.signed and not fq.label.endswith("._param_0"):  # a product's parameter: QLinearMul takes uint8
         report.notes.append(f"{fq.label}: unsigned weights are not fused into integer kernels by ONNX Runtime")
     elif fq.settings.scheme.value == "affine" and fq.scale.numel() > 1:
         report.notes.append(

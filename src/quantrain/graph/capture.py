@@ -143,6 +143,7 @@ def _view(model: nn.Module, exported: torch.export.ExportedProgram, units: froze
         canonical.setdefault(id(module), module_name)
     modules = {id(m): m for m in model.modules()}
     user_inputs = set(exported.graph_signature.user_inputs)
+    parameters = {placeholder: _relative(name) for placeholder, name in exported.graph_signature.inputs_to_parameters.items()}
 
     def unit_of(path: str) -> str | None:
         """The canonical name of the module at ``path`` if it is a unit, else ``None``."""
@@ -205,7 +206,8 @@ def _view(model: nn.Module, exported: torch.export.ExportedProgram, units: froze
                 counter = (scope, op_type(op), dtype is None or dtype.is_floating_point)
                 index = op_counts.get(counter, 0)
                 op_counts[counter] = index + 1
-                call = Call(CallKind.OP, op, index=index, scope=scope, constants=_constants(node), dtype=dtype)
+                read = tuple(parameters[a.name] for a in node.args if isinstance(a, torch.fx.Node) and a.name in parameters)
+                call = Call(CallKind.OP, op, index=index, scope=scope, constants=_constants(node), dtype=dtype, parameters=read)
                 calls.append(call)
                 if function is not None:
                     op_call[(scope, function)] = call

@@ -69,6 +69,8 @@ class Call:
     """The ATen ops the call ran, for messages and tests."""
     dtype: Any = None
     """The ``torch.dtype`` of the call's (first) tensor output, as captured."""
+    parameters: tuple[str, ...] = ()
+    """Op calls: the model's parameters the op reads directly (``x * self.layer_scale``), by name."""
     inputs: list[Call] = field(default_factory=list)
     users: list[Call] = field(default_factory=list)
 

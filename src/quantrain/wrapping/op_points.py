@@ -104,6 +104,15 @@ class OpPoint(nn.Module):
         that a quantized gate lets run as QLinearMul)."""
         return self.quantize(x * self.fake_quant["_gate_0"](F.hardsigmoid(x)))
 
+    def mul(self, input: Any, other: Any, **kwargs: Any) -> Tensor:
+        """``q_out(x * q_param(p))``: a product with a parameter of the model (a layer scale), the parameter
+        quantized per tensor as a weight is, so that an integer engine multiplies integers (QLinearMul)."""
+        if isinstance(input, nn.Parameter):
+            input = self.fake_quant["_param_0"](input)
+        elif isinstance(other, nn.Parameter):
+            other = self.fake_quant["_param_0"](other)
+        return self.quantize(torch.mul(input, other, **kwargs))
+
     def attention(
         self,
         query: Tensor,
@@ -186,7 +195,12 @@ class _Interceptor(TorchFunctionMode):
         return output
 
 
-_COMPOSED = {"silu": OpPoint.silu, "hardswish": OpPoint.hardswish, "scaled_dot_product_attention": OpPoint.attention}
+_COMPOSED = {
+    "silu": OpPoint.silu,
+    "hardswish": OpPoint.hardswish,
+    "scaled_dot_product_attention": OpPoint.attention,
+    "mul": OpPoint.mul,
+}
 """The ops an op point computes from quantized parts, when its plan names them (``OpPointPlan.inner``)."""
 
 
