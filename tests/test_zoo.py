@@ -185,3 +185,20 @@ TORCHVISION_FLOAT_ISLANDS = {
     "tv_mobilenet_v3_small": {"HardSigmoid"},  # of each Hardswish and squeeze-excite gate: no integer kernel
 }
 """The float islands that remain in torchvision's models (the others are integer from end to end)."""
+
+
+def test_the_mnist_cnn_runs_conv_relu_pool_as_integer_kernels_with_its_relus_folded(tmp_path):
+    """conv -> ReLU -> maxpool twice, then two Linear layers, a forward that checks its input size: with fuse='auto'
+    each ReLU folds into the layer before it, and ONNX Runtime runs QLinearConv -> MaxPool -> QLinearConv -> MaxPool
+    -> QGemm -> QGemm, nothing float between them."""
+    model, example = _quantize_for_onnxruntime("mnist_cnn")
+    quantizer_fusions = [
+        (name, module.fusion.activation) for name, module in model.named_modules() if getattr(module, "fusion", None)
+    ]
+    assert quantizer_fusions == [("conv1", "relu"), ("conv2", "relu"), ("fc1", "relu")]
+    path = tmp_path / "mnist.onnx"
+    _check(model, example, path, "")
+    kernels = [
+        op for op in optimized_op_types(path, tmp_path) if op not in ("QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten")
+    ]
+    assert kernels == ["QLinearConv", "MaxPool", "QLinearConv", "MaxPool", "QGemm", "QGemm"]
