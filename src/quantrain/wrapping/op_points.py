@@ -55,8 +55,9 @@ class OpPointPlan:
     """``'relu'``/``'relu6'``: applied before quantizing (the ReLU after the op then changes nothing)."""
     inner: tuple[str, ...] = ()
     """The op's parts quantized by their own quantizers (``quantrain.config.ops.INNER_TARGETS``): ``("_gate_0",)``
-    computes ``silu`` as ``x * q(sigmoid(x))``; ``("_scores_0", "_probs_0")`` computes attention with both
-    products on quantized operands (:meth:`OpPoint.attention`)."""
+    computes ``silu`` as ``x * q(sigmoid(x))`` (``hardswish`` with its hardsigmoid); ``("_scores_0", "_probs_0")``
+    computes attention with both products on quantized operands (:meth:`OpPoint.attention`); ``("_param_0",)``
+    quantizes the parameter a ``mul`` reads (:meth:`OpPoint.mul`)."""
 
     @property
     def key(self) -> str:
@@ -88,7 +89,8 @@ class OpPoint(nn.Module):
 
     @property
     def composed(self) -> bool:
-        """Whether the op is computed from its quantized parts (:meth:`silu`, :meth:`attention`)."""
+        """Whether the op is computed from its quantized parts (:meth:`silu`, :meth:`hardswish`, :meth:`mul`,
+        :meth:`attention`)."""
         return len(self.fake_quant) > 1
 
     def quantize(self, output: Tensor) -> Tensor:
