@@ -417,6 +417,29 @@ class Quantizer:
         for module in self._holders().values():
             yield from module.fake_quant.values()
 
+    def reestimate_bn(self, data: Any, batches: int | None = None, forward: Any = None) -> int:
+        """Recompute every BatchNorm's running statistics under the quantized model, on ``data`` (an iterable of
+        batches: a tensor, a ``(inputs, *targets)`` tuple or list, or a dict of keyword inputs; or any batch with
+        ``forward(model, batch)``), at most ``batches`` of them; returns how many ran. Each BatchNorm's statistics
+        become the plain average over those batches, with quantized weights and activations and frozen ranges;
+        folded BatchNorms too (see :mod:`quantrain.wrapping.bn_reestimation`). Run it after QAT, before export;
+        every mode, momentum and fold state is restored, and on an error the statistics are as they were.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from quantrain import QATQuantizer
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> quantizer = QATQuantizer(model, [{"op_types": ["Conv2d"], "quant_dtype": "int8"}])
+        >>> quantizer.reestimate_bn([torch.randn(8, 1, 6, 6) for _ in range(5)], batches=3)
+        3
+        >>> int(model[1].num_batches_tracked)
+        3
+        """
+        from quantrain.wrapping.bn_reestimation import reestimate_batchnorm
+
+        self._check_wrapped()
+        return reestimate_batchnorm(self.bound_model, data, batches, list(self.fusions()), forward)
+
     def fusions(self) -> Iterator[Fusion]:
         for module in self._modules.values():
             fusion = module._modules.get(FUSION_NAME)
