@@ -48,7 +48,9 @@ def _linear(module: nn.Linear, params: Mapping[str, Tensor], input: Tensor) -> T
 
 
 def _exporting() -> bool:
-    """Whether an ONNX export (either exporter) is tracing the forward."""
+    """Whether an ONNX export (either exporter) is tracing the forward; under torch.compile, a constant ``False``."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
